@@ -1,0 +1,13 @@
+"""sdft_kernels: fused distillation losses and streaming CKA kernels for studying and repairing
+degraded LLMs with self-distillation fine-tuning (SDFT).
+
+Importing the package loads the compiled extension `sdft_kernels._C`, which registers the ops under
+`torch.ops.sdft_kernels`.
+"""
+import torch  # noqa: F401  (must be imported before the extension)
+
+from . import _C  # noqa: F401  registers torch.ops.sdft_kernels.*
+
+__version__ = "0.1.0"
+
+# Public API, one import line per family (each family's module re-exports its typed wrappers).

@@ -1,0 +1,50 @@
+"""Build the single extension `sdft_kernels._C`.
+
+CPU kernels (csrc/ops.cpp + csrc/cpu/*.cpp) are always built. CUDA kernels (csrc/cuda/*.cu) are added
+when the installed torch was built with CUDA and a CUDA toolkit is found; no visible GPU is needed.
+Environment:
+  SDFT_FORCE_CPU=1        build the CPU kernels only, even where CUDA is available
+  TORCH_CUDA_ARCH_LIST    CUDA archs to build (default "8.0;9.0")
+  MAX_JOBS                parallel compile jobs (ninja)
+"""
+import glob
+import os
+
+from setuptools import setup
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _want_cuda():
+    if os.environ.get("SDFT_FORCE_CPU", "0") not in ("", "0"):
+        return False
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def extension():
+    sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if _want_cuda():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+        return cpp_extension.CUDAExtension(
+            "sdft_kernels._C", sources + _sources("csrc/cuda/*.cu"), include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
+        )
+    return cpp_extension.CppExtension(
+        "sdft_kernels._C", sources, include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
