@@ -1,0 +1,249 @@
+"""Layer-by-layer alignment (CKA) between a student and its teacher, streamed.
+
+Forward hooks on every decoder block hand each block's output to the CKA accumulators as soon as it is
+computed; nothing beyond the current chunk's activations is ever held. A long sequence is fed through
+in chunks with the model's KV cache, so activation memory is bounded by the chunk, not the sequence,
+while the result is the same as one full-length forward (causal attention).
+
+Matched layers come from the degradation record's `layer_map` (student block i -> teacher block j), so
+a student with removed blocks is compared with the teacher blocks it replaced.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Sequence
+
+import torch
+
+from .distributed import World, init_world, shard
+
+
+def unwrap(model):
+    """The Hugging Face model inside DDP/FSDP/peft wrappers (LoRA layers stay injected in place)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) and \
+                type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel"):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def _layers(model) -> torch.nn.ModuleList:
+    from .models import decoder_layers
+    return decoder_layers(unwrap(model))
+
+
+def default_block_len(model, cap: int = 2048) -> int:
+    """Alignment block length: the model's full context, capped at `cap` tokens."""
+    ctx = getattr(unwrap(model).config, "max_position_embeddings", None) or cap
+    return int(min(ctx, cap))
+
+
+def check_layer_map(layer_map, n_student: int, n_teacher: int) -> list[int]:
+    """Validate (or build, when None) the student -> teacher block map; raise before any work."""
+    if layer_map is None:
+        if n_student != n_teacher:
+            raise ValueError(
+                f"layer_map: the student has {n_student} decoder layers and the teacher {n_teacher}; "
+                "pass the degradation record's layer_map (student index -> teacher index)")
+        return list(range(n_student))
+    layer_map = [int(j) for j in layer_map]
+    if len(layer_map) != n_student:
+        raise ValueError(f"layer_map: expected one teacher index per student layer ({n_student}), "
+                         f"got {len(layer_map)} entries")
+    bad = [j for j in layer_map if not 0 <= j < n_teacher]
+    if bad:
+        raise ValueError(f"layer_map: teacher indices must be in [0, {n_teacher}), got {bad}")
+    return layer_map
+
+
+@contextlib.contextmanager
+def capture_layer_outputs(model):
+    """Context manager yielding a list that each forward fills with every decoder block's output
+    (detached, in order). The caller reduces and clears it after each forward."""
+    buf: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        h = output[0] if isinstance(output, (tuple, list)) else output
+        buf.append(h.detach())
+
+    handles = [layer.register_forward_hook(hook) for layer in _layers(model)]
+    try:
+        yield buf
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _forward_chunks(model, ids: torch.Tensor, chunk_len: int):
+    """Run `ids` [B, T] through `model` chunk by chunk with its KV cache; yields (start, end) after
+    each chunk's forward (hooks have fired by then)."""
+    cache = None
+    T = ids.shape[1]
+    for s in range(0, T, chunk_len):
+        e = min(T, s + chunk_len)
+        if chunk_len >= T:
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        else:
+            out = model(input_ids=ids[:, s:e], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+        yield s, e
+
+
+def _check_ids(token_ids) -> torch.Tensor:
+    if not isinstance(token_ids, torch.Tensor) or token_ids.dtype != torch.long or token_ids.ndim != 2:
+        raise TypeError("token_ids: expected a LongTensor [n_blocks, block_len], got "
+                        f"{type(token_ids).__name__} {getattr(token_ids, 'dtype', '')} "
+                        f"{tuple(getattr(token_ids, 'shape', ()))}")
+    if token_ids.numel() == 0:
+        raise ValueError("token_ids: no tokens to align on (empty text?)")
+    return token_ids
+
+
+@torch.no_grad()
+def align(teacher, student, token_ids: torch.Tensor, *, layer_map: Sequence[int] | None = None,
+          batch_size: int = 1, chunk_len: int | None = None, drop_first: int = 0,
+          heatmap: bool = True, heatmap_tokens: int = 512, kernel: str | None = None,
+          kernel_tokens: int = 2048, world: World | None = None, seed: int = 0,
+          progress: bool = False) -> dict:
+    """CKA between `student` and `teacher` hidden states of every decoder block on `token_ids`.
+
+    token_ids: LongTensor [n_blocks, block_len]; blocks are sharded over `world`'s ranks.
+    chunk_len: stream each block in chunks of this many tokens through the KV cache (None = whole block).
+    drop_first: leave the first k positions of every block out (attention sinks carry massive
+        activations that dominate CKA).
+    heatmap: also accumulate minibatch CKA over all (student, teacher) block pairs, one minibatch per
+        chunk of at most `heatmap_tokens` randomly chosen tokens.
+    kernel: None, "linear" or "rbf": additionally the kernel CKA of every matched pair on a fixed
+        subsample of `kernel_tokens` tokens (tiled kernel, never n x n in memory).
+    Returns a JSON-able dict (per-layer CKA, mean CKA, heatmap, tokens used, timings).
+    """
+    from . import LinearCKA, MinibatchCKA
+
+    token_ids = _check_ids(token_ids)
+    world = world or init_world()
+    n_s, n_t = len(_layers(student)), len(_layers(teacher))
+    layer_map = check_layer_map(layer_map, n_s, n_t)
+    if drop_first < 0 or drop_first >= token_ids.shape[1]:
+        raise ValueError(f"drop_first: expected 0 <= drop_first < block_len={token_ids.shape[1]}, "
+                         f"got {drop_first}")
+    if kernel not in (None, "linear", "rbf"):
+        raise ValueError(f"kernel: expected None, 'linear' or 'rbf', got {kernel!r}")
+    T = token_ids.shape[1]
+    chunk_len = T if chunk_len is None else max(1, min(int(chunk_len), T))
+
+    pairs = [(i, j) for i, j in enumerate(layer_map)]
+    lin = LinearCKA(pairs=pairs)
+    mb = MinibatchCKA() if heatmap else None
+    ksamples: list[list[torch.Tensor]] = [[] for _ in pairs]  # (x, y) token subsamples for kernel CKA
+    n_kernel = 0
+    gen = torch.Generator().manual_seed(seed + world.rank)
+    device = next(unwrap(student).parameters()).device
+    teacher.eval(), student.eval()
+
+    rows = shard(token_ids.shape[0], world)
+    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    t0 = time.perf_counter()
+    bar = _bar(len(batches), "align", progress)
+    with capture_layer_outputs(teacher) as tbuf, capture_layer_outputs(student) as sbuf:
+        for b in batches:
+            ids = token_ids[b].to(device)
+            t_iter, s_iter = _forward_chunks(teacher, ids, chunk_len), _forward_chunks(student, ids, chunk_len)
+            for (s, e), _ in zip(t_iter, s_iter):
+                ys, xs = list(tbuf), list(sbuf)
+                tbuf.clear(), sbuf.clear()
+                pos = torch.arange(s, e, device=device)
+                keep = (pos >= drop_first).expand(ids.shape[0], -1)
+                if not keep.any():
+                    continue
+                lin.update(xs, ys, mask=keep)
+                flat_idx = keep.reshape(-1).nonzero().squeeze(1)
+                if mb is not None and flat_idx.numel() > 3:
+                    sel = flat_idx[torch.randperm(flat_idx.numel(), generator=gen)[:heatmap_tokens].to(device)]
+                    mb.update([x.reshape(-1, x.shape[-1])[sel] for x in xs],
+                              [y.reshape(-1, y.shape[-1])[sel] for y in ys])
+                if kernel is not None and n_kernel < kernel_tokens:
+                    take = flat_idx[: kernel_tokens - n_kernel]
+                    for p, (i, j) in enumerate(pairs):
+                        ksamples[p].append((xs[i].reshape(-1, xs[i].shape[-1])[take].float().cpu(),
+                                            ys[j].reshape(-1, ys[j].shape[-1])[take].float().cpu()))
+                    n_kernel += take.numel()
+                del xs, ys
+            bar.update(1)
+    bar.close()
+    if world.is_distributed:
+        lin.all_reduce()
+        if mb is not None:
+            mb.all_reduce()
+    seconds = time.perf_counter() - t0
+
+    cka = lin.compute().tolist()
+    out = {
+        "per_layer": [{"student_layer": i, "teacher_layer": j, "cka": c} for (i, j), c in zip(pairs, cka)],
+        "cka": cka,
+        "mean_cka": float(sum(cka) / len(cka)),
+        "layer_map": layer_map,
+        "tokens": int(lin.tokens),
+        "blocks": int(token_ids.shape[0]),
+        "block_len": int(T),
+        "chunk_len": int(chunk_len),
+        "drop_first": int(drop_first),
+        "seconds": seconds,
+    }
+    if mb is not None:
+        # rows: student blocks, columns: teacher blocks
+        out["heatmap"] = mb.compute().tolist()
+    if kernel is not None:
+        from . import kernel_cka
+        kc = []
+        for p in range(len(pairs)):
+            x = torch.cat([a for a, _ in ksamples[p]])
+            y = torch.cat([c for _, c in ksamples[p]])
+            kc.append(float(kernel_cka(x.double(), y.double(), kernel=kernel)))
+        out["kernel"] = {"kernel": kernel, "tokens": n_kernel, "cka": kc}
+    return out
+
+
+def _bar(total, desc, enabled):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+@torch.no_grad()
+def measure_overhead(teacher, student, ids_1d: torch.Tensor, *, layer_map=None, chunk_len=None,
+                     heatmap: bool = True, repeats: int = 2) -> dict:
+    """Cost of alignment on one long sequence relative to the two models' own forward passes.
+
+    Both timings run the same chunked forwards of teacher and student; the aligned one adds the hooks
+    and the CKA updates. Median of `repeats` after one warm-up. overhead = aligned / plain - 1.
+    """
+    ids = ids_1d.reshape(1, -1)
+    T = ids.shape[1]
+    chunk = T if chunk_len is None else chunk_len
+    device = next(unwrap(student).parameters()).device
+    ids = ids.to(device)
+
+    def plain():
+        for _ in _forward_chunks(teacher, ids, chunk):
+            pass
+        for _ in _forward_chunks(student, ids, chunk):
+            pass
+
+    def aligned():
+        align(teacher, student, ids.cpu(), layer_map=layer_map, chunk_len=chunk, heatmap=heatmap)
+
+    def timed(fn):
+        fn()  # warm-up
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return sorted(ts)[len(ts) // 2]
+
+    t_plain, t_align = timed(plain), timed(aligned)
+    return {"tokens": int(T), "chunk_len": int(chunk), "forward_s": t_plain, "align_s": t_align,
+            "overhead": t_align / t_plain - 1.0, "heatmap": heatmap}

@@ -1,0 +1,89 @@
+"""Shared argument handling for the study commands: model paths, text files, early input checks."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def add_model_arg(p, name="--model", help_text="model directory (Hugging Face causal LM); default: the embedded model"):
+    p.add_argument(name, default=None, metavar="PATH", help=help_text)
+
+
+def add_text_args(p, default_split="heldout"):
+    p.add_argument("--text", default=None, metavar="FILE",
+                   help=f"UTF-8 text file to use instead of the shipped '{default_split}' text")
+
+
+def read_text(path_or_none, split: str) -> str:
+    """The text of --text FILE (checked: exists, non-empty) or the shipped split."""
+    if path_or_none is None:
+        from ..data import load_text
+        return load_text(split)
+    p = Path(path_or_none)
+    if not p.is_file():
+        raise ValueError(f"--text: {p} is not a file")
+    text = p.read_text(encoding="utf-8", errors="strict")
+    if not text.strip():
+        raise ValueError(f"--text: {p} is empty; expected some text to tokenize")
+    return text
+
+
+def blocks(tok, text: str, block_len: int, max_blocks: int | None, what: str):
+    from ..data import encode, token_blocks
+    n = encode(tok, text).numel()
+    if n < block_len:
+        raise ValueError(f"{what}: the text has {n} tokens, fewer than one block of {block_len}; "
+                         "give a longer text or a smaller --block-len")
+    return token_blocks(tok, text, block_len, max_blocks=max_blocks)
+
+
+def load_any(path):
+    """(model, tokenizer, record): a directory saved by `sdft degrade`/`sdft recover` or any HF causal LM
+    (None = the embedded default model)."""
+    from ..io import load_model_dir
+    from ..models import load_model
+    if path is None:
+        m, t = load_model(None)
+        return m, t, None
+    return load_model_dir(path)
+
+
+def load_pair(teacher_path, student_path):
+    """Teacher and student, checked compatible (tokenizer, vocabulary, layer map) before any work."""
+    from ..align import check_layer_map, _layers
+    from ..recover import check_compatible
+    teacher, ttok, _ = load_any(teacher_path)
+    student, stok, record = load_any(student_path)
+    check_compatible(teacher, student, ttok, stok)
+    layer_map = record["layer_map"] if record else None
+    check_layer_map(layer_map, len(_layers(student)), len(_layers(teacher)))
+    teacher.eval().requires_grad_(False)
+    return teacher, ttok, student, stok, record, layer_map
+
+
+def emit(obj, out_path=None):
+    """Print a JSON result and optionally write it atomically to out_path."""
+    from ..io import atomic_write_json, to_jsonable
+    if out_path:
+        atomic_write_json(out_path, obj)
+    json.dump(to_jsonable(obj), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def friendly(fn):
+    """Bad input (ValueError/TypeError/FileNotFoundError raised by the checks) -> one clear line on
+    stderr and exit status 2, instead of a traceback. Set SDFT_TRACEBACK=1 to see the traceback."""
+    import functools
+    import os
+
+    @functools.wraps(fn)
+    def wrapper(args):
+        try:
+            return fn(args)
+        except (ValueError, TypeError, FileNotFoundError) as exc:
+            if os.environ.get("SDFT_TRACEBACK"):
+                raise
+            print(f"sdft {getattr(args, 'command', '')}: error: {exc}", file=sys.stderr)
+            return 2
+    return wrapper

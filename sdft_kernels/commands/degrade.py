@@ -1,0 +1,40 @@
+"""`sdft degrade`: degrade a model and save it (save_pretrained + exact compressed state + record)."""
+from __future__ import annotations
+
+from .common import friendly
+
+from .common import add_model_arg
+
+
+def configure(p):
+    add_model_arg(p)
+    p.add_argument("--spec", required=True,
+                   help="forget:STEPS | rtn:BITS[:gSIZE][:asym] | gptq:BITS[:gSIZE][:asym] | blocks:N | "
+                        "magnitude:S | wanda:S | magnitude2:4 | wanda2:4")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the degraded model")
+    p.add_argument("--calib-blocks", type=int, default=16, help="calibration blocks (GPTQ, Wanda, blocks)")
+    p.add_argument("--block-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+
+
+@friendly
+def main(args) -> int:
+    from ..align import _layers
+    from ..data import load_text
+    from ..io import save_model_dir
+    from ..specs import apply_spec, parse_spec
+    from .common import blocks, emit, load_any
+
+    if args.calib_blocks < 1 or args.block_len < 2:
+        raise ValueError("--calib-blocks must be >= 1 and --block-len >= 2")
+    spec = parse_spec(args.spec)  # syntax and range, before loading anything
+    model, tok, _ = load_any(args.model)
+    spec = parse_spec(args.spec, len(_layers(model)))
+    calib = blocks(tok, load_text("calibration"), args.block_len, args.calib_blocks, "calibration") \
+        if spec.needs_calibration else None
+    new, record = apply_spec(spec, model, tok, calib, seed=args.seed)
+    save_model_dir(new, tok, args.out, record)
+    short = {k: v for k, v in record.items() if k in ("kind", "params", "layer_map", "bits_per_weight",
+                                                       "removed", "sparsity", "distances")}
+    emit({"saved": str(args.out), "record": short})
+    return 0

@@ -1,0 +1,43 @@
+"""`sdft eval`: held-out perplexity (sliding window) and narrow-task accuracy of one model."""
+from __future__ import annotations
+
+from .common import friendly
+
+from .common import add_model_arg, add_text_args
+
+
+def configure(p):
+    add_model_arg(p)
+    add_text_args(p)
+    p.add_argument("--tokens", type=int, default=16384, help="tokens of the text to score")
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--stride", type=int, default=128)
+    p.add_argument("--task-examples", type=int, default=48, help="narrow-task examples (0: skip)")
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the result JSON here")
+
+
+@friendly
+def main(args) -> int:
+    from ..data import encode
+    from .common import emit, load_any, read_text
+
+    for name in ("tokens", "window", "stride"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}: expected a positive integer, got {getattr(args, name)}")
+    if args.stride > args.window:
+        raise ValueError(f"--stride ({args.stride}) must not exceed --window ({args.window})")
+    text = read_text(args.text, "heldout")
+    model, tok, record = load_any(args.model)
+    ids = encode(tok, text)[: args.tokens]
+    if ids.numel() < 2:
+        raise ValueError("--text: fewer than 2 tokens to score")
+    from ..evaluate import perplexity
+    out = {"model": args.model or "default", "tokens": int(ids.numel()),
+           "perplexity": float(perplexity(model, ids, window=args.window, stride=args.stride))}
+    if args.task_examples > 0:
+        from .. import tasks
+        out["task_accuracy"] = float(tasks.task_accuracy(model, tok, tasks.make_examples(args.task_examples, seed=1)))
+    if record:
+        out["degradation"] = {"kind": record["kind"], "params": record["params"]}
+    emit(out, args.out)
+    return 0

@@ -1,0 +1,35 @@
+"""`sdft run`: the whole study (degrade -> align -> recover -> align -> evaluate -> correlate)."""
+from __future__ import annotations
+
+from .common import friendly
+
+
+def configure(p):
+    p.add_argument("--out", default="runs/study", metavar="DIR", help="run directory (resumed if it exists)")
+    p.add_argument("--model", default=None, metavar="PATH", help="model directory; default: the embedded model")
+    p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (seconds)")
+    p.add_argument("--specs", nargs="+", default=None, metavar="SPEC",
+                   help="degradations to run (default: forget:40 forget:160 rtn:3 rtn:2 gptq:2 blocks:1 "
+                        "blocks:2 wanda2:4); see `sdft degrade --help`")
+    p.add_argument("--steps", type=int, default=None, help="SDFT steps per run (default 40)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+@friendly
+def main(args) -> int:
+    import dataclasses
+    from ..specs import parse_spec
+    from ..study import StudyConfig, run_study
+
+    if args.specs:
+        for s in args.specs:  # syntax/range errors before loading anything
+            parse_spec(s)
+    cfg = StudyConfig.quick_config(args.model) if args.quick else StudyConfig(model=args.model)
+    if args.specs:
+        cfg.specs = tuple(args.specs)
+    if args.steps is not None:
+        if args.steps < 1:
+            raise ValueError(f"--steps: expected >= 1, got {args.steps}")
+        cfg.recover = dataclasses.replace(cfg.recover, steps=args.steps)
+    run_study(cfg, args.out, progress=not args.no_progress)
+    return 0

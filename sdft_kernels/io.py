@@ -1,0 +1,269 @@
+"""Atomic writes for everything a run saves, and checkpoint save/load.
+
+Every writer goes through a temporary file in the destination's own directory followed by `os.replace`,
+which is atomic on POSIX: a reader (or a resumed run) sees either the old file or the whole new one,
+never a half-written one, even if the process is killed mid-write.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically (temp file in the same directory, fsync, os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Tensors, numpy values, paths, tuples and non-finite floats -> plain JSON values.
+
+    NaN/Inf become None (JSON has no NaN); the caller decides how to report them.
+    """
+    if isinstance(obj, torch.Tensor):
+        obj = obj.detach().cpu()
+        return to_jsonable(obj.item() if obj.ndim == 0 else obj.tolist())
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # numpy arrays and scalars
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return str(obj)
+    return obj
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
+    text = json.dumps(to_jsonable(obj), indent=indent, allow_nan=False, sort_keys=False)
+    return atomic_write_text(path, text + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, "r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def atomic_write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]],
+                     fieldnames: list[str] | None = None) -> Path:
+    """Rows of dicts -> CSV; columns are the union of keys in first-seen order unless given."""
+    rows = [to_jsonable(dict(r)) for r in rows]
+    if fieldnames is None:
+        fieldnames = []
+        for r in rows:
+            fieldnames.extend(k for k in r if k not in fieldnames)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fieldnames, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fieldnames})
+    return atomic_write_text(path, buf.getvalue())
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def torch_load(path: str | os.PathLike) -> Any:
+    # Checkpoints hold RNG states and optimizer state (plain tensors/dicts): weights_only stays safe.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    with open(path, "r", encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut by a kill: drop it, the checkpoint decides
+                    break
+    return out
+
+
+def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> Path:
+    text = "".join(json.dumps(to_jsonable(r), allow_nan=False) + "\n" for r in records)
+    return atomic_write_text(path, text)
+
+
+def atomic_replace_dir(src_tmp: Path, dst: Path) -> Path:
+    """Move a fully written temporary directory into place, replacing `dst` (old copy removed after)."""
+    dst = Path(dst)
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(dst, old)
+    os.replace(src_tmp, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(dst.parent)
+    return dst
+
+
+def make_tmp_dir(dst: str | os.PathLike) -> Path:
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Degraded / recovered models on disk.
+#
+# Layout of a saved model directory:
+#   config.json, model.safetensors, tokenizer files  - a PLAIN Hugging Face model (QuantLinear layers
+#       replaced by nn.Linear holding the dequantised weight, pruning masks baked in), loadable by any
+#       HF tool with AutoModelForCausalLM.from_pretrained;
+#   sdft_state.pt   - the exact training state: latent weights, quantisation scales/zero points,
+#       pruning masks, and the per-layer quantisation spec, so `load_model_dir` rebuilds the very
+#       same compressed model (training it keeps it compressed);
+#   degradation.json - the degradation record (kind, params, layer_map, ...).
+# ---------------------------------------------------------------------------------------------------
+
+def _plain_copy(model):
+    """A deep copy with every QuantLinear turned into nn.Linear(dequantised weight) and every
+    torch.nn.utils.prune reparametrisation made permanent."""
+    import copy
+    from torch.nn.utils import prune
+
+    plain = copy.deepcopy(model)
+    for name, mod in list(plain.named_modules()):
+        for hook in list(getattr(mod, "_forward_pre_hooks", {}).values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                prune.remove(mod, hook._tensor_name)
+    quant = [(n, m) for n, m in plain.named_modules() if hasattr(m, "quantized_weight") and hasattr(m, "scales")]
+    for name, q in quant:
+        lin = torch.nn.Linear(q.in_features, q.out_features, bias=q.bias is not None,
+                              dtype=q.weight.dtype, device=q.weight.device)
+        with torch.no_grad():
+            lin.weight.copy_(q.quantized_weight())
+            if q.bias is not None:
+                lin.bias.copy_(q.bias)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(plain.get_submodule(parent_name) if parent_name else plain, attr, lin)
+    return plain
+
+
+def _structure(model) -> dict:
+    from torch.nn.utils import prune
+    quant = {n: {"bits": m.bits, "group_size": m.group_size, "symmetric": m.symmetric}
+             for n, m in model.named_modules() if hasattr(m, "quantized_weight") and hasattr(m, "scales")}
+    masks = []
+    for n, m in model.named_modules():
+        for hook in getattr(m, "_forward_pre_hooks", {}).values():
+            if isinstance(hook, prune.BasePruningMethod):
+                masks.append([n, hook._tensor_name])
+    return {"quant": quant, "masks": masks}
+
+
+def save_model_dir(model, tokenizer, path: str | os.PathLike, record: dict | None = None) -> Path:
+    """Save a (possibly quantized / pruned) causal LM atomically: the directory appears whole or not."""
+    from .align import unwrap
+    model = unwrap(model)
+    path = Path(path)
+    tmp = make_tmp_dir(path)
+    try:
+        plain = _plain_copy(model)
+        plain.config.num_hidden_layers = len(_decoder_layers(plain))
+        plain.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        st = _structure(model)
+        if st["quant"] or st["masks"]:
+            torch.save({"structure": st, "state_dict": model.state_dict()}, tmp / "sdft_state.pt")
+        if record is not None:
+            (tmp / "degradation.json").write_text(json.dumps(to_jsonable(record), indent=2) + "\n")
+        atomic_replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _decoder_layers(model):
+    from .models import decoder_layers
+    return decoder_layers(model)
+
+
+def load_model_dir(path: str | os.PathLike, dtype=torch.float32):
+    """Load a model directory written by `save_model_dir` (or any HF causal LM directory).
+
+    Returns (model, tokenizer, record or None). QuantLinear layers and pruning masks are rebuilt from
+    sdft_state.pt so the model is exactly the saved compressed model."""
+    from torch.nn.utils import prune
+    from .models import load_model
+
+    path = Path(path)
+    model, tok = load_model(path, dtype=dtype)
+    rec_path = path / "degradation.json"
+    record = read_json(rec_path) if rec_path.exists() else None
+    state_path = path / "sdft_state.pt"
+    if state_path.exists():
+        from .degrade.quantize import QuantLinear
+        saved = torch.load(state_path, map_location="cpu", weights_only=False)
+        st, sd = saved["structure"], saved["state_dict"]
+        for name, spec in st["quant"].items():
+            lin = model.get_submodule(name)
+            q = QuantLinear(lin.weight, lin.bias, spec["bits"], spec["group_size"], spec["symmetric"],
+                            scales=sd[f"{name}.scales"], zeros=sd[f"{name}.zeros"])
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, q)
+        for name, tensor_name in st["masks"]:
+            mod = model.get_submodule(name)
+            prune.custom_from_mask(mod, tensor_name, sd[f"{name}.{tensor_name}_mask"])
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        # tied weights may be absent from one side; anything else is a real mismatch
+        bad = [k for k in list(missing) + list(unexpected) if "lm_head" not in k and "embed_tokens" not in k]
+        if bad:
+            raise ValueError(f"path: {path}/sdft_state.pt does not match the saved model ({bad[:5]} ...)")
+    model.eval()
+    return model, tok, record

@@ -1,0 +1,345 @@
+"""Recovery by self-distillation fine-tuning (SDFT): the original model is the frozen teacher, its
+degraded copy the student, and the loss is the project's fused linear distillation divergence (the
+N x V logits never exist). Full fine-tuning or LoRA (peft). A quantized student keeps its QuantLinear
+layers (straight-through fake-quant) and a pruned student its masks / removed blocks, because training
+only ever touches the student's own parameters through its own forward.
+
+Checkpoints hold model, optimizer, scheduler, RNG states, step, metrics and the CKA trajectory; the
+data order is a pure function of (seed, step), so a resumed run is bit-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import io as sio
+from .align import align, check_layer_map, unwrap, _layers
+from .distributed import World, all_reduce_sum_, barrier, init_world, shard, wrap_student
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+@dataclass
+class RecoverConfig:
+    steps: int = 100
+    batch_size: int = 8            # blocks per optimizer step, summed over all ranks
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"       # "cosine" or "constant" (after warm-up)
+    divergence: str = "forward_kl"
+    temperature: float = 1.0
+    beta: float = 0.5              # JSD mixture weight
+    ce_weight: float = 0.0         # loss = divergence + ce_weight * next-token cross-entropy
+    grad_clip: float = 1.0
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    checkpoint_every: int = 0      # 0: only at the end
+    align_blocks: int = 2          # held-out blocks for the CKA trajectory at each checkpoint
+    seed: int = 0
+    chunk_size: int | None = None  # fused-loss token chunk (None: the kernel's memory-budget default)
+    strategy: str = "ddp"          # how the student is wrapped under torchrun
+
+    def validate(self) -> "RecoverConfig":
+        if self.steps < 1:
+            raise ValueError(f"steps: expected >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: expected > 0, got {self.lr}")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence: expected one of {DIVERGENCES}, got {self.divergence!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature: expected > 0, got {self.temperature}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta: expected in [0, 1], got {self.beta}")
+        if self.ce_weight < 0:
+            raise ValueError(f"ce_weight: expected >= 0, got {self.ce_weight}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule: expected 'cosine' or 'constant', got {self.schedule!r}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every: expected >= 0, got {self.checkpoint_every}")
+        return self
+
+
+def check_compatible(teacher, student, teacher_tok=None, student_tok=None) -> None:
+    """Teacher and student must share the tokenizer / vocabulary; raise before any training."""
+    vt = unwrap(teacher).get_output_embeddings().weight.shape[0]
+    vs = unwrap(student).get_output_embeddings().weight.shape[0]
+    if vt != vs:
+        raise ValueError(f"student: vocabulary size {vs} differs from the teacher's {vt}; "
+                         "SDFT needs the same tokenizer")
+    if teacher_tok is not None and student_tok is not None:
+        if teacher_tok.get_vocab() != student_tok.get_vocab():
+            raise ValueError("student tokenizer: its vocabulary differs from the teacher's tokenizer")
+
+
+class SDFTObjective(torch.nn.Module):
+    """Student forward + fused distillation loss in one module, so DDP/FSDP wrap exactly what trains.
+
+    Returns (divergence summed over tokens, CE summed over tokens with a next token)."""
+
+    def __init__(self, student, cfg: RecoverConfig):
+        super().__init__()
+        self.student = student
+        self.cfg = cfg
+
+    def forward(self, ids, teacher_hidden, teacher_weight, teacher_bias=None):
+        from . import fused_linear_distill_loss
+        hf = unwrap(self.student)
+        h = hf.base_model(input_ids=ids).last_hidden_state          # [B, T, d_s]
+        head = hf.get_output_embeddings()
+        cfg = self.cfg
+        kd = fused_linear_distill_loss(
+            h.reshape(-1, h.shape[-1]), head.weight,
+            teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight,
+            student_bias=head.bias, teacher_bias=teacher_bias, divergence=cfg.divergence,
+            beta=cfg.beta, temperature=cfg.temperature, scale_by_t2=cfg.temperature != 1.0,
+            chunk_size=cfg.chunk_size, reduction="sum")
+        if cfg.ce_weight > 0:
+            # CE mixing materialises the student's logits; the default (ce_weight=0) never does.
+            logits = head(h[:, :-1])
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                                 reduction="sum")
+        else:
+            ce = h.new_zeros(())
+        return kd, ce
+
+
+def teacher_hidden(teacher, ids):
+    hf = unwrap(teacher)
+    with torch.no_grad():
+        return hf.base_model(input_ids=ids).last_hidden_state
+
+
+def _apply_lora(student, cfg: RecoverConfig):
+    from peft import LoraConfig, get_peft_model
+    names = sorted({n.split(".")[-1] for n, m in unwrap(student).named_modules()
+                    if isinstance(m, torch.nn.Linear) and "lm_head" not in n})
+    if not names:
+        raise ValueError("lora: the student has no nn.Linear layers to adapt")
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=names,
+                      bias="none")
+    return get_peft_model(student, lcfg)
+
+
+def _schedule(cfg: RecoverConfig):
+    def f(step):
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+    return f
+
+
+def batch_rows(step: int, n_rows: int, batch_size: int, seed: int) -> list[int]:
+    """Global rows of the step's batch: epochs of seeded permutations, a pure function of step."""
+    out = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, off = divmod(pos, n_rows)
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        take = min(batch_size - len(out), n_rows - off)
+        out.extend(perm[off:off + take].tolist())
+        pos += take
+    return out
+
+
+def _rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+
+
+@dataclass
+class RecoverResult:
+    student: torch.nn.Module
+    history: list = field(default_factory=list)     # one dict per step
+    trajectory: list = field(default_factory=list)  # CKA per layer at step 0 and every checkpoint
+    resumed_from: int = 0
+    seconds: float = 0.0
+
+
+def recover(teacher, student, train_ids: torch.Tensor, config: RecoverConfig | None = None, *,
+            out_dir: str | Path | None = None, align_ids: torch.Tensor | None = None,
+            layer_map: Sequence[int] | None = None, world: World | None = None,
+            progress: bool = True, stop_after: int | None = None) -> RecoverResult:
+    """Train `student` towards frozen `teacher` on blocks `train_ids` [n, T] (LongTensor).
+
+    out_dir: checkpoints (`checkpoint.pt`), `metrics.jsonl`; an existing checkpoint there is resumed.
+    align_ids: held-out blocks for the CKA trajectory (the first `config.align_blocks` are used).
+    stop_after: stop (after checkpointing) once this step is reached - a time-boxed or test "kill".
+    The student is modified in place (LoRA: wrapped by peft; see `merge_lora`) and returned.
+    """
+    cfg = (config or RecoverConfig()).validate()
+    world = world or init_world()
+    if not isinstance(train_ids, torch.Tensor) or train_ids.dtype != torch.long or train_ids.ndim != 2:
+        raise TypeError("train_ids: expected a LongTensor [n_blocks, block_len]")
+    if train_ids.shape[0] == 0 or train_ids.shape[1] < 2:
+        raise ValueError(f"train_ids: expected at least one block of >= 2 tokens, got {tuple(train_ids.shape)}")
+    if cfg.batch_size < world.world_size:
+        raise ValueError(f"batch_size: {cfg.batch_size} is smaller than the world size {world.world_size}")
+    check_compatible(teacher, student)
+    layer_map = check_layer_map(layer_map, len(_layers(student)), len(_layers(teacher)))
+
+    out_dir = Path(out_dir) if out_dir is not None else None
+    ckpt_path = out_dir / "checkpoint.pt" if out_dir else None
+    metrics_path = out_dir / "metrics.jsonl" if out_dir else None
+
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    if cfg.lora:
+        student = _apply_lora(student, cfg)
+    device = next(unwrap(student).parameters()).device
+    thf = unwrap(teacher)
+    t_head = thf.get_output_embeddings()
+
+    objective = SDFTObjective(student, cfg)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
+    model = wrap_student(objective, world, strategy=cfg.strategy) if world.is_distributed else objective
+
+    res = RecoverResult(student=student)
+    start = 0
+    if ckpt_path is not None and ckpt_path.exists():
+        ck = sio.torch_load(ckpt_path)
+        saved = {k: v for k, v in ck["config"].items() if k not in ("checkpoint_every",)}
+        now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("checkpoint_every",)}
+        if saved != now:
+            raise ValueError(f"out_dir: {out_dir} holds a checkpoint of a different config; use a new "
+                             "directory or delete it")
+        unwrap(student).load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        _set_rng_state(ck["rng"])
+        start, res.history, res.trajectory = ck["step"], ck["history"], ck["trajectory"]
+        res.resumed_from = start
+        if world.is_main and metrics_path is not None:
+            sio.atomic_write_jsonl(metrics_path, res.history)
+
+    def trajectory_point(step):
+        if align_ids is None or cfg.align_blocks <= 0:
+            return
+        student.eval()
+        a = align(teacher, student, align_ids[: cfg.align_blocks], layer_map=layer_map,
+                  heatmap=False, world=world)
+        student.train()
+        res.trajectory.append({"step": step, "cka": a["cka"], "mean_cka": a["mean_cka"]})
+
+    def save(step):
+        if ckpt_path is None:
+            return
+        if world.is_main:
+            state = unwrap(student).state_dict()
+            sio.atomic_torch_save({"step": step, "model": state, "optimizer": opt.state_dict(),
+                                   "scheduler": sched.state_dict(), "rng": _rng_state(),
+                                   "history": res.history, "trajectory": res.trajectory,
+                                   "config": dataclasses.asdict(cfg)}, ckpt_path)
+        barrier(world)
+
+    if start == 0 and not res.trajectory:
+        trajectory_point(0)
+    student.train()
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=cfg.steps, initial=start, desc="sdft", disable=not (progress and world.is_main),
+               leave=False, dynamic_ncols=True)
+    mfile = open(metrics_path, "a", encoding="utf-8") if (metrics_path and world.is_main) else None
+    t0 = time.perf_counter()
+    try:
+        for step in range(start, end):
+            rows = batch_rows(step, train_ids.shape[0], cfg.batch_size, cfg.seed)
+            mine = [rows[i] for i in shard(len(rows), world)]
+            ids = train_ids[mine].to(device)
+            t_h = teacher_hidden(teacher, ids)
+            # Normalise by the GLOBAL token counts so every rank's gradient is a share of one mean;
+            # DDP averages gradients over ranks, hence the extra world_size factor.
+            counts = torch.tensor([float(ids.numel()), float(ids.shape[0] * (ids.shape[1] - 1))],
+                                  device=device)
+            all_reduce_sum_(counts, world)
+            kd_sum, ce_sum = model(ids, t_h, t_head.weight, t_head.bias)
+            kd = kd_sum / counts[0]
+            ce = ce_sum / counts[1]
+            loss = (kd + cfg.ce_weight * ce) * world.world_size
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"recover: non-finite loss at step {step} (kd={kd.item()}, "
+                                         f"ce={ce.item()}); lower lr or check the student")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
+            opt.step()
+            sched.step()
+            stats = torch.stack([kd.detach(), ce.detach()]).double() * world.world_size
+            all_reduce_sum_(stats, world)  # each rank holds its share of the global mean
+            rec = {"step": step + 1, "loss": float(stats[0] + cfg.ce_weight * stats[1]),
+                   "divergence": float(stats[0]), "ce": float(stats[1]) if cfg.ce_weight > 0 else None,
+                   "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
+                   "tokens": int(counts[0].item())}
+            res.history.append(rec)
+            if mfile:
+                mfile.write(json.dumps(sio.to_jsonable(rec)) + "\n")
+                mfile.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            done = step + 1
+            if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == end:
+                trajectory_point(done)
+                save(done)
+    finally:
+        bar.close()
+        if mfile:
+            mfile.close()
+    student.eval()
+    res.student = student
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def merge_lora(student):
+    """A LoRA-wrapped student -> the plain model with adapters merged (no-op otherwise)."""
+    if hasattr(student, "merge_and_unload"):
+        return student.merge_and_unload()
+    return student
+
+
+@torch.no_grad()
+def kl_to_teacher(teacher, student, ids: torch.Tensor, divergence: str = "forward_kl",
+                  batch_size: int = 4) -> float:
+    """Mean per-token divergence of the student from the teacher on blocks `ids` [n, T]."""
+    from . import fused_linear_distill_loss
+    total, n = 0.0, 0
+    shf, thf = unwrap(student), unwrap(teacher)
+    sh, th = shf.get_output_embeddings(), thf.get_output_embeddings()
+    was = student.training
+    student.eval()
+    device = next(shf.parameters()).device
+    for s in range(0, ids.shape[0], batch_size):
+        b = ids[s:s + batch_size].to(device)
+        hs = shf.base_model(input_ids=b).last_hidden_state
+        ht = thf.base_model(input_ids=b).last_hidden_state
+        total += float(fused_linear_distill_loss(hs.reshape(-1, hs.shape[-1]), sh.weight,
+                                                 ht.reshape(-1, ht.shape[-1]), th.weight,
+                                                 student_bias=sh.bias, teacher_bias=th.bias,
+                                                 divergence=divergence, reduction="sum"))
+        n += b.numel()
+    student.train(was)
+    return total / n
