@@ -7,6 +7,12 @@ import sys
 # name -> (module, one-line help)
 COMMANDS = {
     "info": ("sdft_kernels.info", "show the build: CPU/CUDA kernels, arch list, torch version, threads"),
+    # study commands (owner: study engineer)
+    "run": ("sdft_kernels.commands.run", "the whole study on a model: degrade, align, recover (SDFT), align, evaluate, report"),
+    "degrade": ("sdft_kernels.commands.degrade", "degrade a model (forget / quantize / prune) and save it with its record"),
+    "recover": ("sdft_kernels.commands.recover_cmd", "recover a degraded model by SDFT toward its original (resumable)"),
+    "align": ("sdft_kernels.commands.align_cmd", "layer-by-layer CKA between a student and its teacher"),
+    "eval": ("sdft_kernels.commands.evaluate_cmd", "held-out perplexity and narrow-task accuracy of a model"),
 }
 
 
