@@ -1,0 +1,105 @@
+// CPU kernels for the streamed-moment CKA estimators:
+//   cka_comoment_merge_ : Chan's parallel merge of one batch's co-moment into a float64 accumulator
+//   cka_ucentre         : fused U-centring of a stack of b x b Gram matrices (minibatch CKA)
+// The per-element math is in csrc/common/cka_math.h, shared with csrc/cuda/cka_moments.cu.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "common/checks.h"
+#include "common/cka_math.h"
+
+namespace sdft {
+namespace {
+
+void check_vec(const at::Tensor& v, int64_t len, const char* name) {
+  TORCH_CHECK(v.scalar_type() == at::kDouble && v.dim() == 1 && v.size(0) == len && v.is_contiguous(), name,
+              ": expected a contiguous float64 vector of length ", len, ", got ", v.scalar_type(), " ",
+              v.sizes());
+}
+
+}  // namespace
+
+// acc: d_x x d_y float64 (updated in place); raw: d_x x d_y float32/float64 = sum_i u_i v_i^T of the
+// batch's shifted features; r_x [d_x], r_y [d_y]: batch mean minus shift; d_x [d_x], d_y [d_y]: mean of
+// the accumulated part minus the batch mean; n_b: batch tokens; w = n_a n_b / (n_a + n_b).
+void cka_comoment_merge_cpu(const at::Tensor& acc, const at::Tensor& raw, const at::Tensor& r_x,
+                            const at::Tensor& r_y, double n_b, const at::Tensor& d_x, const at::Tensor& d_y,
+                            double w) {
+  TORCH_CHECK(acc.scalar_type() == at::kDouble && acc.dim() == 2 && acc.is_contiguous(),
+              "acc: expected a contiguous 2-d float64 tensor, got ", acc.scalar_type(), " ", acc.sizes());
+  const int64_t dx = acc.size(0), dy = acc.size(1);
+  TORCH_CHECK(raw.dim() == 2 && raw.size(0) == dx && raw.size(1) == dy && raw.is_contiguous(),
+              "raw: expected a contiguous [", dx, ", ", dy, "] tensor, got ", raw.sizes());
+  TORCH_CHECK(raw.scalar_type() == at::kFloat || raw.scalar_type() == at::kDouble,
+              "raw: expected float32 or float64, got ", raw.scalar_type());
+  check_vec(r_x, dx, "r_x");
+  check_vec(r_y, dy, "r_y");
+  check_vec(d_x, dx, "d_x");
+  check_vec(d_y, dy, "d_y");
+  for (const at::Tensor* t : {&raw, &r_x, &r_y, &d_x, &d_y}) check_same_device(acc, "acc", *t, "raw/r/d");
+  double* a = acc.data_ptr<double>();
+  const double *rx = r_x.data_ptr<double>(), *ry = r_y.data_ptr<double>();
+  const double *ddx = d_x.data_ptr<double>(), *ddy = d_y.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(raw.scalar_type(), "cka_comoment_merge_cpu", [&] {
+    const scalar_t* b = raw.data_ptr<scalar_t>();
+    at::parallel_for(0, dx, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        double* ai = a + i * dy;
+        const scalar_t* bi = b + i * dy;
+        for (int64_t j = 0; j < dy; ++j)
+          ai[j] = cka::chan_comoment(ai[j], static_cast<double>(bi[j]), rx[i], ry[j], n_b, ddx[i], ddy[j], w);
+      }
+    });
+  });
+}
+
+// gram: L x b x b symmetric Gram matrices (float32 or float64). Returns the U-centred matrices, same dtype
+// (row sums and totals accumulated in float64).
+at::Tensor cka_ucentre_cpu(const at::Tensor& gram) {
+  TORCH_CHECK(gram.dim() == 3 && gram.size(1) == gram.size(2), "gram: expected [L, b, b], got ", gram.sizes());
+  TORCH_CHECK(gram.scalar_type() == at::kFloat || gram.scalar_type() == at::kDouble,
+              "gram: expected float32 or float64, got ", gram.scalar_type());
+  const int64_t nl = gram.size(0), b = gram.size(1);
+  TORCH_CHECK(b > 3, "gram: U-centring needs a batch of more than 3 samples, got ", b);
+  auto g = gram.contiguous();
+  auto out = at::empty_like(g);
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cka_ucentre_cpu", [&] {
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, nl, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<double> r(b);
+      for (int64_t l = lo; l < hi; ++l) {
+        const scalar_t* k = gp + l * b * b;
+        scalar_t* o = op + l * b * b;
+        double total = 0.0;
+        for (int64_t i = 0; i < b; ++i) {  // row sums of K with its diagonal zeroed
+          double s = 0.0;
+          const scalar_t* ki = k + i * b;
+          for (int64_t j = 0; j < b; ++j) s += static_cast<double>(ki[j]);
+          r[i] = s - static_cast<double>(ki[i]);
+          total += r[i];
+        }
+        const double n = static_cast<double>(b);
+        for (int64_t i = 0; i < b; ++i) {
+          const scalar_t* ki = k + i * b;
+          scalar_t* oi = o + i * b;
+          for (int64_t j = 0; j < b; ++j)
+            oi[j] = static_cast<scalar_t>(cka::ucentre(static_cast<double>(ki[j]), r[i], r[j], total, n, i == j));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace sdft
+
+TORCH_LIBRARY_IMPL(sdft_kernels, CPU, m) {
+  m.impl("cka_comoment_merge_", &sdft::cka_comoment_merge_cpu);
+  m.impl("cka_ucentre", &sdft::cka_ucentre_cpu);
+}

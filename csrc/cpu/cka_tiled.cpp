@@ -1,0 +1,153 @@
+// CPU kernel for long-sequence kernel HSIC/CKA without an n x n Gram (flash-attention style tiling).
+//
+// For token tiles I <= J it forms the tiles K_IJ (kernel of x) and L_IJ (kernel of y) on the fly, with a
+// GEMM on the tile for the dot products, and reduces them at once into the sufficient statistics of
+// every HSIC estimator:
+//   sums[0] = sum_ij K_ij L_ij, sums[1] = sum_ij K_ij^2, sums[2] = sum_ij L_ij^2   (diagonal included)
+//   rows[0] = K 1, rows[1] = L 1 (row sums, diagonal included), diag[0] = diag K, diag[1] = diag L.
+// The Grams are symmetric, so only tiles with J >= I are formed; an off-diagonal tile counts twice and
+// adds its column sums to tile J's rows. Memory: O(n) per thread for row sums plus two tiles per thread.
+// Work is split over the flat list of tile pairs with at::parallel_for (per-thread accumulators, summed
+// once at the end, so no atomics and no false sharing).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/cka_math.h"
+
+namespace sdft {
+namespace {
+
+// One kernel tile: linear (dot products) or RBF exp(-gamma ||x_i - x_j||^2), from a GEMM on the tile.
+at::Tensor kernel_tile(const at::Tensor& x, const at::Tensor& nrm, int64_t i0, int64_t ti, int64_t j0,
+                       int64_t tj, int64_t kernel, double gamma) {
+  auto xi = x.narrow(0, i0, ti), xj = x.narrow(0, j0, tj);
+  if (kernel == 0) return at::mm(xi, xj.t());
+  // ||xi||^2 + ||xj||^2 - 2 xi.xj, clamped at 0 (rounding), exact zero on the true diagonal.
+  auto d2 = at::addmm(at::add(nrm.narrow(0, i0, ti).unsqueeze(1), nrm.narrow(0, j0, tj).unsqueeze(0)), xi, xj.t(),
+                      /*beta=*/1, /*alpha=*/-2);
+  d2.clamp_min_(0);
+  if (i0 == j0) d2.diagonal().zero_();
+  return d2.mul_(-gamma).exp_();
+}
+
+template <typename scalar_t>
+void reduce_tile(const scalar_t* k, const scalar_t* l, int64_t ti, int64_t tj, bool offdiag, double* sums,
+                 double* rk_i, double* rl_i, double* rk_j, double* rl_j, double* dk, double* dl) {
+  std::vector<double> ck(tj, 0.0), cl(tj, 0.0);
+  double skl = 0.0, skk = 0.0, sll = 0.0;
+  for (int64_t a = 0; a < ti; ++a) {
+    const scalar_t* ka = k + a * tj;
+    const scalar_t* la = l + a * tj;
+    // Row partials in the working precision over <= tile elements, then float64 across rows and tiles.
+    scalar_t pkl = 0, pkk = 0, pll = 0, prk = 0, prl = 0;
+#pragma omp simd reduction(+ : pkl, pkk, pll, prk, prl)
+    for (int64_t b = 0; b < tj; ++b) {
+      const scalar_t kv = ka[b], lv = la[b];
+      pkl += kv * lv;
+      pkk += kv * kv;
+      pll += lv * lv;
+      prk += kv;
+      prl += lv;
+    }
+    skl += pkl;
+    skk += pkk;
+    sll += pll;
+    rk_i[a] += prk;
+    rl_i[a] += prl;
+    if (offdiag) {
+      for (int64_t b = 0; b < tj; ++b) {
+        ck[b] += ka[b];
+        cl[b] += la[b];
+      }
+    } else {
+      dk[a] = ka[a];
+      dl[a] = la[a];
+    }
+  }
+  const double f = offdiag ? 2.0 : 1.0;  // the mirrored tile J, I has the same sums
+  sums[0] += f * skl;
+  sums[1] += f * skk;
+  sums[2] += f * sll;
+  if (offdiag)
+    for (int64_t b = 0; b < tj; ++b) {
+      rk_j[b] += ck[b];
+      rl_j[b] += cl[b];
+    }
+}
+
+}  // namespace
+
+// x: n x d, y: n x e (float32 or float64, same dtype, rows = tokens, ideally column-centred);
+// kernel: 0 = linear, 1 = RBF with gamma_x = 1 / (2 sigma_x^2), gamma_y likewise; tile: tokens per tile.
+// Returns (sums [3], rows [2, n], diag [2, n]), all float64.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_hsic_stats_cpu(const at::Tensor& x, const at::Tensor& y,
+                                                                     int64_t kernel, double gamma_x,
+                                                                     double gamma_y, int64_t tile) {
+  check_dim(x, 2, "x");
+  check_dim(y, 2, "y");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "x: expected float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(y.scalar_type() == x.scalar_type(), "y: expected the dtype of x (", x.scalar_type(), "), got ",
+              y.scalar_type());
+  check_same_device(x, "x", y, "y");
+  TORCH_CHECK(y.size(0) == x.size(0), "y: expected ", x.size(0), " rows (tokens) like x, got ", y.size(0));
+  TORCH_CHECK(kernel == 0 || kernel == 1, "kernel: expected 0 (linear) or 1 (rbf), got ", kernel);
+  TORCH_CHECK(tile >= 1, "tile: expected a positive tile size, got ", tile);
+  TORCH_CHECK(kernel == 0 || (gamma_x > 0 && gamma_y > 0), "gamma: expected positive RBF gammas, got ",
+              gamma_x, ", ", gamma_y);
+  const int64_t n = x.size(0);
+  TORCH_CHECK(n >= 1, "x: expected at least one token");
+  auto xc = x.contiguous(), yc = y.contiguous();
+  at::Tensor nx, ny;
+  if (kernel == 1) {
+    nx = xc.mul(xc).sum(1);
+    ny = yc.mul(yc).sum(1);
+  }
+  const int64_t nt = (n + tile - 1) / tile;
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  pairs.reserve(nt * (nt + 1) / 2);
+  for (int64_t i = 0; i < nt; ++i)
+    for (int64_t j = i; j < nt; ++j) pairs.emplace_back(i, j);
+
+  const int64_t nthreads = at::get_num_threads();
+  auto opts = x.options().dtype(at::kDouble);
+  auto rows_t = at::zeros({nthreads, 2, n}, opts);
+  auto sums_t = at::zeros({nthreads, 3}, opts);
+  auto diag = at::zeros({2, n}, opts);
+  double* rows_p = rows_t.data_ptr<double>();
+  double* sums_p = sums_t.data_ptr<double>();
+  double* diag_p = diag.data_ptr<double>();
+
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "kernel_hsic_stats_cpu", [&] {
+    at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t lo, int64_t hi) {
+      const int64_t tid = at::get_thread_num();
+      double* rk = rows_p + tid * 2 * n;
+      double* rl = rk + n;
+      double* sums = sums_p + tid * 3;
+      for (int64_t p = lo; p < hi; ++p) {
+        const int64_t i0 = pairs[p].first * tile, j0 = pairs[p].second * tile;
+        const int64_t ti = std::min(tile, n - i0), tj = std::min(tile, n - j0);
+        auto kt = kernel_tile(xc, nx, i0, ti, j0, tj, kernel, gamma_x).contiguous();
+        auto lt = kernel_tile(yc, ny, i0, ti, j0, tj, kernel, gamma_y).contiguous();
+        reduce_tile<scalar_t>(kt.data_ptr<scalar_t>(), lt.data_ptr<scalar_t>(), ti, tj, i0 != j0, sums, rk + i0,
+                              rl + i0, rk + j0, rl + j0, diag_p + i0, diag_p + n + i0);
+      }
+    });
+  });
+  return {sums_t.sum(0), rows_t.sum(0), diag};
+}
+
+}  // namespace sdft
+
+TORCH_LIBRARY_IMPL(sdft_kernels, CPU, m) { m.impl("kernel_hsic_stats", &sdft::kernel_hsic_stats_cpu); }
