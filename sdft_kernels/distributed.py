@@ -16,6 +16,7 @@ are no-ops, wrapping returns the module), so the same script runs both ways.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -247,8 +248,12 @@ def prepare_teacher(model: torch.nn.Module, world: World) -> torch.nn.Module:
 
 
 def _fsdp_units(model: torch.nn.Module):
-    """Submodules to shard one by one: the model's declared no-split blocks (HF decoder layers)."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
+    """Submodules to shard one by one: the no-split blocks (decoder layers) that any Hugging Face
+    model inside `model` declares, also when it sits in a wrapper (peft, a loss module). Everything
+    else (embeddings, final norm, lm_head) stays in the root unit, gathered for the root's forward."""
+    names = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
     return [m for m in model.modules() if m is not model and type(m).__name__ in names]
 
 
@@ -298,7 +303,30 @@ def wrap_student(model: torch.nn.Module, world: World, strategy: str = "ddp", *,
     for block in _fsdp_units(model):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    # FSDP2 picks its root lazily, at the first forward. Fix it now, so that calling an inner module
+    # first (e.g. the CKA trajectory at step 0 runs the bare student) cannot make a decoder layer
+    # the root. Private hook of torch's FSDPState; harmless to skip if a future torch renames it.
+    state = getattr(model, "_get_fsdp_state", lambda: None)()
+    if state is not None and hasattr(state, "_lazy_init"):
+        state._lazy_init()
     return model
+
+
+@contextlib.contextmanager
+def gathered_root(model: torch.nn.Module):
+    """Run inner modules of an FSDP-wrapped student directly (e.g. `align` on the bare HF model):
+    gathers the root unit's parameters (embeddings, final norm, lm_head) for the duration; decoder
+    layers gather themselves in their own forward. A no-op for DDP and unwrapped models.
+    """
+    unshard = getattr(model, "unshard", None)
+    if unshard is None or not hasattr(model, "reshard"):
+        yield model
+        return
+    unshard()
+    try:
+        yield model
+    finally:
+        model.reshard()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
