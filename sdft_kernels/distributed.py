@@ -387,7 +387,6 @@ def load_checkpoint(path, world: World, model: torch.nn.Module,
     without a shared disk). Returns the checkpoint's `extra` dict. All ranks call it.
     """
     import pathlib
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     path = pathlib.Path(path)
     payload = None
     if shared_filesystem or world.is_main:
@@ -402,7 +401,19 @@ def load_checkpoint(path, world: World, model: torch.nn.Module,
         payload = box[0]
     if optimizer is not None and payload["optimizer"] is None:
         raise ValueError(f"load_checkpoint: {path} has no optimizer state, but an optimizer was given")
-    set_model_state_dict(model, payload["model"], options=_state_options(strict=strict))
-    if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, payload["optimizer"], options=_state_options(strict=strict))
+    load_full_state(model, payload["model"], optimizer, payload["optimizer"], strict=strict)
     return payload["extra"]
+
+
+def load_full_state(model: torch.nn.Module, model_state: dict,
+                    optimizer: torch.optim.Optimizer | None = None, optim_state: dict | None = None, *,
+                    strict: bool = True) -> None:
+    """Load full (unsharded) state from `full_state` into a model wrapped any way (or not at all):
+    FSDP shards it to this rank's slice, DDP/plain modules copy it. Every rank passes the full dicts.
+    """
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    set_model_state_dict(model, model_state, options=_state_options(strict=strict))
+    if optimizer is not None:
+        if optim_state is None:
+            raise ValueError("load_full_state: optim_state is None but an optimizer was given")
+        set_optimizer_state_dict(model, optimizer, optim_state, options=_state_options(strict=strict))

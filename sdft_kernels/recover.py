@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from . import io as sio
 from .align import align, check_layer_map, unwrap, _layers
 from .distributed import World, all_reduce_sum_, barrier, init_world, shard, wrap_student
+from .distributed import full_state, gathered_root, load_full_state
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -208,15 +209,18 @@ def recover(teacher, student, train_ids: torch.Tensor, config: RecoverConfig | N
         p.requires_grad_(False)
     if cfg.lora:
         student = _apply_lora(student, cfg)
-    device = next(unwrap(student).parameters()).device
+    if world.is_distributed:
+        teacher.to(world.device)  # each rank holds a frozen teacher replica on its own device
     thf = unwrap(teacher)
     t_head = thf.get_output_embeddings()
 
     objective = SDFTObjective(student, cfg)
+    # Wrap before building the optimizer: FSDP replaces the parameters with sharded ones.
+    model = wrap_student(objective, world, strategy=cfg.strategy) if world.is_distributed else objective
+    device = next(unwrap(student).parameters()).device
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
-    model = wrap_student(objective, world, strategy=cfg.strategy) if world.is_distributed else objective
 
     res = RecoverResult(student=student)
     start = 0
@@ -227,8 +231,8 @@ def recover(teacher, student, train_ids: torch.Tensor, config: RecoverConfig | N
         if saved != now:
             raise ValueError(f"out_dir: {out_dir} holds a checkpoint of a different config; use a new "
                              "directory or delete it")
-        unwrap(student).load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        # full (unsharded) state keyed by name: resumes on any number of ranks, any wrapping
+        load_full_state(unwrap(student), ck["model"], opt, ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         _set_rng_state(ck["rng"])
         start, res.history, res.trajectory = ck["step"], ck["history"], ck["trajectory"]
@@ -240,17 +244,18 @@ def recover(teacher, student, train_ids: torch.Tensor, config: RecoverConfig | N
         if align_ids is None or cfg.align_blocks <= 0:
             return
         student.eval()
-        a = align(teacher, student, align_ids[: cfg.align_blocks], layer_map=layer_map,
-                  heatmap=False, world=world)
+        with gathered_root(model):  # FSDP: the bare student's embeddings/head are gathered
+            a = align(teacher, student, align_ids[: cfg.align_blocks], layer_map=layer_map,
+                      heatmap=False, world=world)
         student.train()
         res.trajectory.append({"step": step, "cka": a["cka"], "mean_cka": a["mean_cka"]})
 
     def save(step):
         if ckpt_path is None:
             return
+        state, opt_state = full_state(unwrap(student), world, opt)  # collective: all ranks gather
         if world.is_main:
-            state = unwrap(student).state_dict()
-            sio.atomic_torch_save({"step": step, "model": state, "optimizer": opt.state_dict(),
+            sio.atomic_torch_save({"step": step, "model": state, "optimizer": opt_state,
                                    "scheduler": sched.state_dict(), "rng": _rng_state(),
                                    "history": res.history, "trajectory": res.trajectory,
                                    "config": dataclasses.asdict(cfg)}, ckpt_path)
