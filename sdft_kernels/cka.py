@@ -1,0 +1,619 @@
+"""Streaming CKA between the layers of two models, without storing activations.
+
+- LinearCKA: exact linear CKA (Kornblith et al. 2019; biased, or debiased = unbiased HSIC) from
+  streamed per-batch centred moments merged with Chan's parallel formula in float64. Memory O(d^2) per
+  pair, independent of the number of tokens; merges exactly across batches, objects and processes.
+- MinibatchCKA: Nguyen et al. 2021's minibatch CKA for every student x teacher layer pair: per batch the
+  unbiased HSIC of U-centred b x b Grams, summed over batches.
+- kernel_hsic / kernel_cka: HSIC/CKA with linear or RBF kernels over n tokens, tiled like flash
+  attention: memory O(n + tile^2), never an n x n Gram.
+
+Activations are [B, T, d] or [T, d] (float32/bfloat16/float16/float64); a bool mask [B, T] or [T]
+(True = keep) drops padding and `drop_first` drops the first k positions of every sequence (attention
+sinks carry "massive activations"). bf16/fp16 inputs are upcast to float32 for the GEMMs.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .ops import cka as _k
+
+__all__ = ["LinearCKA", "MinibatchCKA", "kernel_hsic", "kernel_cka"]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def _as_list(xs, name):
+    if isinstance(xs, torch.Tensor):
+        return [xs]
+    if not isinstance(xs, (list, tuple)) or not xs:
+        raise TypeError(f"{name}: expected a non-empty list of activation tensors, got {type(xs).__name__}")
+    return list(xs)
+
+
+def _keep_index(shape, mask, drop_first, device):
+    """Flat indices of kept tokens for activations of leading shape [B, T] or [T], or None = keep all."""
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask: expected a bool tensor of shape {list(shape)}, got "
+                            f"{getattr(mask, 'dtype', type(mask).__name__)}")
+        if tuple(mask.shape) != tuple(shape):
+            raise ValueError(f"mask: expected shape {list(shape)} (the activations' tokens), got {list(mask.shape)}")
+        keep = mask.to(device)
+    elif drop_first == 0:
+        return None
+    else:
+        keep = torch.ones(shape, dtype=torch.bool, device=device)
+    if drop_first:
+        keep = keep.clone()
+        keep[..., :drop_first] = False
+    return keep.reshape(-1).nonzero().squeeze(1)
+
+
+def _tokens(acts: list, name: str, shape, idx, check_finite=True) -> list:
+    """Flatten each layer to [n_kept, d] in float32 (float64 stays float64), after validating it."""
+    out = []
+    for i, a in enumerate(acts):
+        if not isinstance(a, torch.Tensor):
+            raise TypeError(f"{name}[{i}]: expected a tensor, got {type(a).__name__}")
+        if a.dtype not in _FLOATS:
+            raise TypeError(f"{name}[{i}]: expected float32/bfloat16/float16/float64, got {a.dtype}")
+        if a.dim() not in (2, 3) or tuple(a.shape[:-1]) != tuple(shape):
+            raise ValueError(f"{name}[{i}]: expected shape {list(shape)} + [d] (same tokens as {name}[0] / "
+                             f"the first layer), got {list(a.shape)}")
+        if check_finite and not bool(torch.isfinite(a).all()):
+            raise ValueError(f"{name}[{i}]: activations contain NaN or Inf")
+        f = a.reshape(-1, a.shape[-1])
+        if idx is not None:
+            f = f.index_select(0, idx)
+        out.append(f if f.dtype == torch.float64 else f.float())
+    return out
+
+
+def _prepare(xs, ys, mask, drop_first):
+    xs, ys = _as_list(xs, "xs"), _as_list(ys, "ys")
+    first = xs[0]
+    if not isinstance(first, torch.Tensor) or first.dim() not in (2, 3):
+        raise ValueError(f"xs[0]: expected a [B, T, d] or [T, d] tensor, got "
+                         f"{list(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__}")
+    shape = tuple(first.shape[:-1])
+    idx = _keep_index(shape, mask, drop_first, first.device)
+    fx, fy = _tokens(xs, "xs", shape, idx), _tokens(ys, "ys", shape, idx)
+    devs = {t.device for t in fx + fy}
+    if len(devs) > 1:
+        raise ValueError(f"xs/ys: expected every layer on one device, got {sorted(map(str, devs))}")
+    return fx, fy, fx[0].shape[0]
+
+
+@contextlib.contextmanager
+def _no_tf32(device):
+    """Full-precision float32 GEMMs on CUDA whatever the user's global TF32 setting."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _shift(x):
+    """(u, mean, r): mean in float64, u = x - s with s = mean rounded to x's dtype (small, nearly exact
+    values for the working-precision GEMM), r = mean - s (tiny, corrected exactly in float64)."""
+    mean = x.mean(dim=0, dtype=torch.float64)
+    s = mean.to(x.dtype)
+    return x - s, mean, mean - s.double()
+
+
+def _check_drop_first(drop_first):
+    if not isinstance(drop_first, int) or drop_first < 0:
+        raise ValueError(f"drop_first: expected an int >= 0, got {drop_first!r}")
+    return drop_first
+
+
+
+
+def _resolve_pairs(pairs, nx, ny):
+    if pairs == "diagonal":
+        if nx != ny:
+            raise ValueError(f"pairs='diagonal' needs as many student as teacher layers, got {nx} and {ny}")
+        return [(i, i) for i in range(nx)]
+    if pairs == "all":
+        return [(i, j) for i in range(nx) for j in range(ny)]
+    out = []
+    for p in pairs:
+        i, j = (int(v) for v in p)
+        if not (0 <= i < nx and 0 <= j < ny):
+            raise ValueError(f"pairs: ({i}, {j}) is out of range for {nx} student and {ny} teacher layers")
+        out.append((i, j))
+    if not out:
+        raise ValueError("pairs: expected at least one (student, teacher) layer pair")
+    return out
+
+
+def _shift_extras(S, g, h, C, tr_a, tr_b, n, da, db):
+    """Re-centre the debiasing statistics of one part (n tokens) of a pair (A, B) from the part's own
+    means to the merged means (da = part mean of A - merged mean, db likewise), exactly:
+    S = sum_i a_i b_i, g = sum_i a_i v_i, h = sum_i b_i u_i with a_i = |u_i|^2, b_i = |v_i|^2 and u, v the
+    centred features; C = sum_i u_i v_i^T, tr_a = sum_i a_i, tr_b = sum_i b_i (all of the part)."""
+    ct_da, c_db = C.T @ da, C @ db
+    dd, ee = da @ da, db @ db
+    g2 = g + (tr_a + n * dd) * db + 2.0 * ct_da
+    h2 = h + (tr_b + n * ee) * da + 2.0 * c_db
+    S2 = S + 2.0 * (db @ g) + ee * tr_a + 2.0 * (da @ h) + 4.0 * (da @ c_db) + dd * tr_b + n * dd * ee
+    return S2, g2, h2
+
+
+class LinearCKA:
+    """Exact streaming linear CKA between student and teacher layers.
+
+    pairs: "diagonal" (student layer i vs teacher layer i), "all" (every student x teacher pair; memory
+    d_i x d_j float64 per pair), or an explicit list of (student, teacher) index pairs.
+    debiased: use the unbiased HSIC (Song et al. 2012; Kornblith et al. 2019's debiased CKA) instead of
+    the biased one. It is computed in feature space from streamed, exactly re-centred statistics.
+    drop_first: drop the first k positions of every sequence.
+
+    Per batch each layer's features are shifted by their (rounded) batch mean and multiplied in the input
+    precision (float32 for fp32/bf16/fp16; TF32 off), then merged into float64 centred co-moments with
+    Chan's formula (csrc/common/cka_math.h). A layer's self-moment is shared by all pairs using it.
+    """
+
+    def __init__(self, pairs="diagonal", debiased: bool = False, drop_first: int = 0):
+        if not (pairs in ("diagonal", "all") or isinstance(pairs, (list, tuple))):
+            raise ValueError(f"pairs: expected 'diagonal', 'all' or a list of (i, j), got {pairs!r}")
+        self._pairs_arg = pairs
+        self.debiased = bool(debiased)
+        self.drop_first = _check_drop_first(drop_first)
+        self.reset()
+
+    def reset(self):
+        self.pairs = None if isinstance(self._pairs_arg, str) else [tuple(p) for p in self._pairs_arg]
+        self.widths = None  # {"x": [d_i], "y": [d_j]}
+        self.n = 0.0
+        self.mean, self.mom, self.ext = {}, {}, {}
+        return self
+
+    @property
+    def tokens(self) -> int:
+        """Number of tokens accumulated (after mask and drop_first)."""
+        return int(self.n)
+
+    def _keys(self):
+        layers = sorted({f"x{i}" for i, _ in self.pairs} | {f"y{j}" for _, j in self.pairs})
+        moms = [f"{a}|{a}" for a in layers] + [f"x{i}|y{j}" for i, j in self.pairs]
+        return layers, moms
+
+    def _resolve(self, fx, fy):
+        widths = {"x": [t.shape[1] for t in fx], "y": [t.shape[1] for t in fy]}
+        if self.widths is None:
+            self.pairs = _resolve_pairs(self._pairs_arg if self.pairs is None else self.pairs, len(fx), len(fy))
+            self.widths = widths
+        elif widths != self.widths:
+            raise ValueError(f"xs/ys: expected layers of widths {self.widths} as in earlier updates, got {widths}")
+
+    def _width(self, key):
+        return self.widths[key[0]][int(key[1:])]
+
+    def update(self, xs, ys, mask=None):
+        """Accumulate one batch: xs / ys lists of student / teacher activations ([B, T, d] or [T, d])."""
+        fx, fy, n = _prepare(xs, ys, mask, self.drop_first)
+        self._resolve(fx, fy)
+        if n == 0:
+            return self
+        feats = {f"x{i}": t for i, t in enumerate(fx)} | {f"y{j}": t for j, t in enumerate(fy)}
+        layers, moms = self._keys()
+        with torch.no_grad(), _no_tf32(fx[0].device):
+            u, mean, r = {}, {}, {}
+            for a in layers:
+                u[a], mean[a], r[a] = _shift(feats[a])
+            raw = {k: torch.mm(u[k.split("|")[0]].T, u[k.split("|")[1]]) for k in moms}
+            ext = tr = None
+            if self.debiased:
+                uc = {a: u[a].double() - r[a] for a in layers}
+                sq = {a: (uc[a] * uc[a]).sum(1) for a in layers}
+                tr = {a: sq[a].sum() for a in layers}
+                ext = {}
+                for k in moms:
+                    a, b = k.split("|")
+                    ext[k] = (sq[a] @ sq[b], uc[b].T @ sq[a], uc[a].T @ sq[b])
+                del uc, sq
+            self._merge(float(n), mean, raw, r, ext, tr)
+        return self
+
+    def _merge(self, n_q, mean_q, mom_q, r_q, ext_q, tr_q):
+        """Merge a part (n_q tokens; float64 means; co-moments `mom_q` about the shifts whose residuals are
+        r_q, None = exactly centred; debiasing statistics ext_q with its traces tr_q) into self."""
+        layers, moms = self._keys()
+        n_p = self.n
+        n = n_p + n_q
+        dev = next(iter(mean_q.values())).device
+        if n_p == 0:
+            for a in layers:
+                self.mean[a] = torch.zeros_like(mean_q[a])
+            for k in moms:
+                a, b = k.split("|")
+                self.mom[k] = torch.zeros(self._width(a), self._width(b), dtype=torch.float64, device=dev)
+        new_mean = {a: mean_q[a] if n_p == 0 else self.mean[a] + (n_q / n) * (mean_q[a] - self.mean[a])
+                    for a in layers}
+        if self.debiased:
+            zero = torch.zeros((), dtype=torch.float64, device=dev)
+            tr_p = {a: torch.diagonal(self.mom[f"{a}|{a}"]).sum() for a in layers}
+            new_ext = {}
+            for k in moms:
+                a, b = k.split("|")
+                cq = mom_q[k].double()
+                if r_q is not None:
+                    cq = cq - n_q * torch.outer(r_q[a], r_q[b])
+                sq = _shift_extras(*ext_q[k], cq, tr_q[a], tr_q[b], n_q, mean_q[a] - new_mean[a],
+                                   mean_q[b] - new_mean[b])
+                if n_p == 0:
+                    new_ext[k] = sq
+                else:
+                    sp = _shift_extras(*self.ext[k], self.mom[k], tr_p[a], tr_p[b], n_p,
+                                       self.mean[a] - new_mean[a], self.mean[b] - new_mean[b])
+                    new_ext[k] = tuple(p + q for p, q in zip(sp, sq))
+                new_ext[k] = (new_ext[k][0] + zero, *new_ext[k][1:])
+            self.ext = new_ext
+        w = n_p * n_q / n
+        for k in moms:
+            a, b = k.split("|")
+            rx = r_q[a] if r_q is not None else torch.zeros_like(mean_q[a])
+            ry = r_q[b] if r_q is not None else torch.zeros_like(mean_q[b])
+            raw = mom_q[k] if mom_q[k].dtype in (torch.float32, torch.float64) else mom_q[k].float()
+            _k.comoment_merge_(self.mom[k], raw.contiguous(), rx, ry, n_q, self.mean[a] - mean_q[a],
+                               self.mean[b] - mean_q[b], w)
+        self.mean = new_mean
+        self.n = n
+
+    def _hsic_terms(self, k):
+        """Unnormalised HSIC of the pair k: ||C||_F^2 (biased) or n(n-3) x unbiased HSIC (debiased)."""
+        c = self.mom[k]
+        f2 = (c * c).sum()
+        if not self.debiased:
+            return f2
+        a, b = k.split("|")
+        n = self.n
+        S = self.ext[k][0]
+        tra = torch.diagonal(self.mom[f"{a}|{a}"]).sum()
+        trb = torch.diagonal(self.mom[f"{b}|{b}"]).sum()
+        return (f2 - S + tra * trb / ((n - 1) * (n - 2)) - 2.0 * S / (n - 2)) / (n * (n - 3))
+
+    def compute(self) -> torch.Tensor:
+        """CKA per pair (float64 [P], in `pairs` order). Debiased CKA is NaN where a self-HSIC is <= 0."""
+        if self.n == 0:
+            raise RuntimeError("LinearCKA.compute: no tokens accumulated yet (call update first)")
+        if self.debiased and self.n <= 3:
+            raise RuntimeError(f"LinearCKA.compute: the debiased estimator needs more than 3 tokens, got {self.tokens}")
+        out = []
+        for i, j in self.pairs:
+            xy = self._hsic_terms(f"x{i}|y{j}")
+            xx, yy = self._hsic_terms(f"x{i}|x{i}"), self._hsic_terms(f"y{j}|y{j}")
+            out.append(xy / torch.sqrt(xx * yy) if (xx * yy) > 0 else xy * float("nan"))
+        return torch.stack(out).cpu()
+
+    # ---- exact merging across objects and processes
+    def state_dict(self) -> dict:
+        return {"pairs": self.pairs, "widths": self.widths, "debiased": self.debiased,
+                "drop_first": self.drop_first, "n": self.n, "mean": dict(self.mean), "mom": dict(self.mom),
+                "ext": {k: list(v) for k, v in self.ext.items()}}
+
+    def load_state_dict(self, state: dict):
+        self.pairs = [tuple(p) for p in state["pairs"]] if state["pairs"] is not None else None
+        self.widths, self.debiased = state["widths"], bool(state["debiased"])
+        self.drop_first, self.n = int(state["drop_first"]), float(state["n"])
+        self.mean, self.mom = dict(state["mean"]), dict(state["mom"])
+        self.ext = {k: tuple(v) for k, v in state["ext"].items()}
+        return self
+
+    def _compatible(self, other):
+        if not isinstance(other, LinearCKA):
+            raise TypeError(f"other: expected a LinearCKA, got {type(other).__name__}")
+        if other.debiased != self.debiased:
+            raise ValueError("other: expected the same `debiased` setting")
+        if self.widths is not None and other.widths is not None and (
+                other.pairs != self.pairs or other.widths != self.widths):
+            raise ValueError(f"other: expected pairs {self.pairs} and widths {self.widths}, got "
+                             f"{other.pairs} and {other.widths}")
+
+    def merge(self, other: "LinearCKA"):
+        """Fold another accumulator (same pairs and widths) into this one, exactly (Chan's formula)."""
+        self._compatible(other)
+        if other.n == 0:
+            return self
+        if self.widths is None:
+            self.pairs, self.widths = list(other.pairs), other.widths
+        tr = ({a: torch.diagonal(other.mom[f"{a}|{a}"]).sum() for a in other.mean} if self.debiased else None)
+        self._merge(other.n, other.mean, other.mom, None, other.ext if self.debiased else None, tr)
+        return self
+
+    def _flat(self):
+        layers, moms = self._keys()
+        parts = [self.mean[a] for a in layers] + [self.mom[k].reshape(-1) for k in moms]
+        if self.debiased:
+            for k in moms:
+                parts += [self.ext[k][0].reshape(1), self.ext[k][1], self.ext[k][2]]
+        return torch.cat([p.reshape(-1) for p in parts])
+
+    def _from_flat(self, flat, n):
+        part = LinearCKA(self.pairs, self.debiased, self.drop_first)
+        part.widths, part.n = self.widths, n
+        layers, moms = self._keys()
+        off = 0
+
+        def take(*shape):
+            nonlocal off
+            size = math.prod(shape)
+            t = flat[off:off + size].reshape(shape)
+            off += size
+            return t
+        part.mean = {a: take(self._width(a)) for a in layers}
+        part.mom = {k: take(self._width(k.split("|")[0]), self._width(k.split("|")[1])) for k in moms}
+        if self.debiased:
+            for k in moms:
+                a, b = k.split("|")
+                part.ext[k] = (take(1)[0], take(self._width(b)), take(self._width(a)))
+        return part
+
+    def all_reduce(self, group=None):
+        """Replace this rank's state by the exact merge of every rank's state (torch.distributed).
+        Each rank's float64 (n, means, co-moments) is gathered and Chan-merged in rank order, so every
+        rank ends with bit-identical results, equal to a single process seeing all tokens."""
+        import torch.distributed as dist
+        world = dist.get_world_size(group)
+        metas = [None] * world
+        dist.all_gather_object(metas, (self.pairs, self.widths, self.debiased, self.n), group=group)
+        full = [m for m in metas if m[3] > 0]
+        if not full:
+            return self
+        for m in full:
+            if (m[0], m[1], m[2]) != (full[0][0], full[0][1], full[0][2]):
+                raise ValueError(f"all_reduce: ranks disagree on pairs/widths/debiased: {full[0][:3]} vs {m[:3]}")
+        if self.n == 0:
+            self.pairs, self.widths = [tuple(p) for p in full[0][0]], full[0][1]
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+        mine = self._flat().to(dev) if self.n > 0 else None
+        if mine is None:
+            size = self.__class__(self.pairs, self.debiased)._zero_like(self).numel()
+            mine = torch.zeros(size, dtype=torch.float64, device=dev)
+        gathered = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine, group=group)
+        pairs, widths = self.pairs, self.widths
+        self.reset()
+        self.pairs, self.widths = pairs, widths
+        for m, flat in zip(metas, gathered):
+            if m[3] > 0:
+                self.merge(self._from_flat(flat, m[3]))
+        return self
+
+    def _zero_like(self, ref):
+        """A flat zero state with ref's layout (for a rank that saw no tokens)."""
+        self.widths, self.pairs = ref.widths, ref.pairs
+        layers, moms = self._keys()
+        size = sum(self._width(a) for a in layers)
+        size += sum(self._width(k.split("|")[0]) * self._width(k.split("|")[1]) for k in moms)
+        if self.debiased:
+            size += sum(1 + self._width(k.split("|")[0]) + self._width(k.split("|")[1]) for k in moms)
+        return torch.zeros(size, dtype=torch.float64)
+
+
+class MinibatchCKA:
+    """Minibatch CKA (Nguyen et al. 2021) for every student x teacher layer pair.
+
+    Each update() is one minibatch of b tokens (after mask/drop_first; b > 3 is required by the unbiased
+    HSIC): every layer's b x b linear Gram of its centred features is U-centred by a fused kernel
+    (csrc/cpu/cka_moments.cpp), and all student x teacher unbiased HSICs come from one
+    (L_x x b^2)(b^2 x L_y) product, accumulated in float64 across batches.
+    compute() -> float64 [L_x, L_y] with CKA_ij = sum HSIC_ij / sqrt(sum HSIC_ii sum HSIC_jj).
+
+    The unbiased HSIC of a batch can be negative (it is an unbiased estimate of a non-negative quantity);
+    sums are kept signed. A layer whose summed self-HSIC is <= 0 (e.g. constant features) gets NaN CKA.
+    The value depends on the batch size b (it estimates a population CKA; it is not the full-data CKA).
+    """
+
+    def __init__(self, drop_first: int = 0, chunk: int = 128):
+        self.drop_first = _check_drop_first(drop_first)
+        self.chunk = int(chunk)
+        self.reset()
+
+    def reset(self):
+        self.hxy = self.hxx = self.hyy = None
+        self.batches, self.n = 0, 0
+        return self
+
+    @property
+    def tokens(self) -> int:
+        return int(self.n)
+
+    def update(self, xs, ys, mask=None):
+        fx, fy, b = _prepare(xs, ys, mask, self.drop_first)
+        if b <= 3:
+            raise ValueError(f"xs: minibatch CKA needs more than 3 tokens per batch (unbiased HSIC), got {b} "
+                             "after mask/drop_first")
+        if self.hxy is not None and self.hxy.shape != (len(fx), len(fy)):
+            raise ValueError(f"xs/ys: expected {tuple(self.hxy.shape)} layers as in earlier updates, got "
+                             f"({len(fx)}, {len(fy)})")
+        nx = len(fx)
+        dev = fx[0].device
+        wdt = torch.float64 if all(t.dtype == torch.float64 for t in fx + fy) else torch.float32
+        with torch.no_grad(), _no_tf32(dev):
+            grams = torch.empty(nx + len(fy), b, b, dtype=wdt, device=dev)
+            for i, t in enumerate(fx + fy):
+                u = _shift(t.to(wdt))[0]  # centring is not needed by U-centring, but conditions the Gram
+                torch.mm(u, u.T, out=grams[i])
+            uc = _k.ucentre(grams)
+            del grams
+            hxy = torch.zeros(nx, len(fy), dtype=torch.float64, device=dev)
+            hs = torch.zeros(nx + len(fy), dtype=torch.float64, device=dev)
+            for r0 in range(0, b, self.chunk):  # float64 products over row chunks: memory O(L chunk b)
+                c = uc[:, r0:r0 + self.chunk].reshape(nx + len(fy), -1).double()
+                hxy += c[:nx] @ c[nx:].T
+                hs += (c * c).sum(1)
+            scale = 1.0 / (b * (b - 3.0))
+            hxy, hs = (hxy * scale).cpu(), (hs * scale).cpu()
+        if self.hxy is None:
+            self.hxy, self.hxx, self.hyy = hxy, hs[:nx].clone(), hs[nx:].clone()
+        else:
+            self.hxy += hxy
+            self.hxx += hs[:nx]
+            self.hyy += hs[nx:]
+        self.batches += 1
+        self.n += b
+        return self
+
+    def compute(self) -> torch.Tensor:
+        if self.hxy is None:
+            raise RuntimeError("MinibatchCKA.compute: no batches accumulated yet (call update first)")
+        return self.hxy / torch.sqrt(self.hxx[:, None] * self.hyy[None, :])  # NaN where a self-HSIC <= 0
+
+    def state_dict(self) -> dict:
+        return {"hxy": self.hxy, "hxx": self.hxx, "hyy": self.hyy, "batches": self.batches, "n": self.n,
+                "drop_first": self.drop_first}
+
+    def load_state_dict(self, state: dict):
+        self.hxy, self.hxx, self.hyy = state["hxy"], state["hxx"], state["hyy"]
+        self.batches, self.n, self.drop_first = int(state["batches"]), int(state["n"]), int(state["drop_first"])
+        return self
+
+    def merge(self, other: "MinibatchCKA"):
+        if not isinstance(other, MinibatchCKA):
+            raise TypeError(f"other: expected a MinibatchCKA, got {type(other).__name__}")
+        if other.hxy is None:
+            return self
+        if self.hxy is None:
+            self.hxy, self.hxx, self.hyy = other.hxy.clone(), other.hxx.clone(), other.hyy.clone()
+        elif self.hxy.shape != other.hxy.shape:
+            raise ValueError(f"other: expected {tuple(self.hxy.shape)} layer pairs, got {tuple(other.hxy.shape)}")
+        else:
+            self.hxy += other.hxy
+            self.hxx += other.hxx
+            self.hyy += other.hyy
+        self.batches += other.batches
+        self.n += other.n
+        return self
+
+    def all_reduce(self, group=None):
+        """Sum the per-batch HSIC sums of every rank (the estimator is a plain sum over batches)."""
+        import torch.distributed as dist
+        world = dist.get_world_size(group)
+        metas = [None] * world
+        shape = None if self.hxy is None else tuple(self.hxy.shape)
+        dist.all_gather_object(metas, shape, group=group)
+        shapes = {m for m in metas if m is not None}
+        if not shapes:
+            return self
+        if len(shapes) > 1:
+            raise ValueError(f"all_reduce: ranks disagree on the layer counts: {sorted(shapes)}")
+        nx, ny = shapes.pop()
+        if self.hxy is None:
+            self.hxy, self.hxx, self.hyy = torch.zeros(nx, ny, dtype=torch.float64), torch.zeros(
+                nx, dtype=torch.float64), torch.zeros(ny, dtype=torch.float64)
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+        flat = torch.cat([self.hxy.reshape(-1), self.hxx, self.hyy,
+                          torch.tensor([self.batches, self.n], dtype=torch.float64)]).to(dev)
+        dist.all_reduce(flat, group=group)
+        flat = flat.cpu()
+        self.hxy = flat[:nx * ny].reshape(nx, ny).clone()
+        self.hxx, self.hyy = flat[nx * ny:nx * ny + nx].clone(), flat[nx * ny + nx:nx * ny + nx + ny].clone()
+        self.batches, self.n = int(flat[-2]), int(flat[-1])
+        return self
+
+
+# ----------------------------------------------------------------------------- long-sequence kernel HSIC
+def _median_sigma(x: torch.Tensor, pilot: int = 1024, seed: int = 0) -> float:
+    """Median pairwise Euclidean distance on a fixed pilot subsample (numpy default_rng(seed), the same
+    rows as sdft_kernels.reference.cka.median_sigma)."""
+    n = x.shape[0]
+    if n > pilot:
+        idx = np.sort(np.random.default_rng(seed).choice(n, size=pilot, replace=False))
+        x = x[torch.from_numpy(idx).to(x.device)]
+    x = x.double()
+    sq = (x * x).sum(1)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp_min(0)
+    iu = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
+    # NumPy's median convention (mean of the two middle values; torch's median takes the lower one)
+    vals = d2[iu[0], iu[1]].cpu().numpy()
+    sigma = float(np.sqrt(np.median(vals))) if vals.size else 0.0
+    if not sigma > 0:
+        raise ValueError("sigma: the median heuristic found a zero median distance (constant features); "
+                         "pass sigma explicitly")
+    return sigma
+
+
+def _kernel_inputs(x, y, kernel, sigma, tile, mask):
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name}: expected a [n, d] tensor, got "
+                             f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{name}: expected float32/bfloat16/float16/float64, got {t.dtype}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"y: expected {x.shape[0]} tokens (rows) like x, got {y.shape[0]}")
+    if kernel not in _k.KERNELS:
+        raise ValueError(f"kernel: expected 'linear' or 'rbf', got {kernel!r}")
+    if tile is not None and (not isinstance(tile, int) or tile < 1):
+        raise ValueError(f"tile: expected a positive int or None, got {tile!r}")
+    fx, fy, n = _prepare([x], [y], mask, 0)
+    x, y = fx[0], fy[0]
+    if y.dtype != x.dtype:
+        x, y = x.float(), y.float()
+    sig = sigma if isinstance(sigma, (tuple, list)) else (sigma, sigma)
+    gammas = [0.0, 0.0]
+    if kernel == "rbf":
+        for i, (s, t) in enumerate(zip(sig, (x, y))):
+            s = _median_sigma(t) if s is None else float(s)
+            if not s > 0:
+                raise ValueError(f"sigma: expected a positive RBF bandwidth, got {s}")
+            gammas[i] = 1.0 / (2.0 * s * s)
+    # Centre (float64 mean): exact for both kernels' HSIC, and keeps dot products / distances well
+    # conditioned in float32 for activations with large means.
+    x = x - x.mean(0, dtype=torch.float64).to(x.dtype)
+    y = y - y.mean(0, dtype=torch.float64).to(y.dtype)
+    return x.contiguous(), y.contiguous(), n, gammas, (tile or 256)
+
+
+def _kernel_stats(x, y, kernel, sigma, unbiased, tile, mask):
+    x, y, n, (gx, gy), tile = _kernel_inputs(x, y, kernel, sigma, tile, mask)
+    need = 3 if unbiased else 1
+    if n <= need:
+        raise ValueError(f"x: the {'unbiased' if unbiased else 'biased'} HSIC needs more than {need} tokens, got {n}")
+    with torch.no_grad(), _no_tf32(x.device):
+        sums, rows, diag = _k.kernel_hsic_stats(x, y, kernel, gx, gy, tile)
+    sums, rows, diag = sums.cpu(), rows.cpu(), diag.cpu()
+    if unbiased:  # zero the diagonals: K~ = K - diag(K)
+        rows = rows - diag
+        sums = sums - torch.stack([(diag[0] * diag[1]).sum(), (diag[0] ** 2).sum(), (diag[1] ** 2).sum()])
+    rk, rl = rows[0], rows[1]
+    sk, sl = rk.sum(), rl.sum()
+    f = _hsic_u if unbiased else _hsic_b
+    return (f(sums[0], rk @ rl, sk, sl, n), f(sums[1], rk @ rk, sk, sk, n), f(sums[2], rl @ rl, sl, sl, n))
+
+
+def _hsic_u(kl, rkl, sk, sl, n):  # Song et al. 2012 (same formula as cka_math.h hsic_unbiased)
+    return float((kl + sk * sl / ((n - 1.0) * (n - 2.0)) - 2.0 / (n - 2.0) * rkl) / (n * (n - 3.0)))
+
+
+def _hsic_b(kl, rkl, sk, sl, n):  # Gretton et al. 2005: tr(KHLH)/(n-1)^2
+    return float((kl - 2.0 / n * rkl + sk * sl / (n * n)) / ((n - 1.0) ** 2))
+
+
+def kernel_hsic(x, y, kernel: str = "linear", sigma=None, unbiased: bool = False, tile=None, mask=None) -> float:
+    """HSIC between the token sets x [n, d] and y [n, e] with a linear or RBF kernel, computed tile by
+    tile (memory O(n + tile^2)). sigma: RBF bandwidth (float, or (sigma_x, sigma_y)); None = median
+    heuristic on a fixed 1024-token pilot subsample. unbiased: Song et al.'s estimator (else
+    Gretton's biased tr(KHLH)/(n-1)^2). tile: tokens per CPU tile (default 256). mask: bool [n]."""
+    return _kernel_stats(x, y, kernel, sigma, unbiased, tile, mask)[0]
+
+
+def kernel_cka(x, y, kernel: str = "linear", sigma=None, unbiased: bool = False, tile=None, mask=None) -> float:
+    """CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) with kernel_hsic's options, all three from one tiled
+    pass. NaN if an unbiased self-HSIC is <= 0."""
+    xy, xx, yy = _kernel_stats(x, y, kernel, sigma, unbiased, tile, mask)
+    return xy / math.sqrt(xx * yy) if xx * yy > 0 else float("nan")

@@ -1,0 +1,48 @@
+"""Typed wrappers over the CKA ops (csrc/cpu/cka*.cpp, csrc/cuda/cka*.cu) with their fake registrations.
+
+The public estimators are in sdft_kernels/cka.py; these are the building blocks they call.
+"""
+from __future__ import annotations
+
+import torch
+
+_ops = torch.ops.sdft_kernels
+
+__all__ = ["comoment_merge_", "ucentre", "kernel_hsic_stats", "KERNELS"]
+
+KERNELS = {"linear": 0, "rbf": 1}
+
+
+def comoment_merge_(acc: torch.Tensor, raw: torch.Tensor, r_x: torch.Tensor, r_y: torch.Tensor, n_b: float,
+                    d_x: torch.Tensor, d_y: torch.Tensor, w: float) -> None:
+    """acc += (raw - n_b r_x r_y^T) + w d_x d_y^T, in float64 (Chan's parallel co-moment merge)."""
+    _ops.cka_comoment_merge_.default(acc, raw, r_x, r_y, float(n_b), d_x, d_y, float(w))
+
+
+def ucentre(gram: torch.Tensor) -> torch.Tensor:
+    """U-centred copies of a stack of symmetric Gram matrices [L, b, b] (b > 3), same dtype."""
+    return _ops.cka_ucentre.default(gram)
+
+
+def kernel_hsic_stats(x: torch.Tensor, y: torch.Tensor, kernel: str, gamma_x: float, gamma_y: float,
+                      tile: int):
+    """(sums [3] = (sum K*L, sum K*K, sum L*L), row sums [2, n], diagonals [2, n]), float64, of the kernel
+    Grams of x [n, d] and y [n, e], computed tile by tile (no n x n matrix)."""
+    return _ops.kernel_hsic_stats.default(x, y, KERNELS[kernel], float(gamma_x), float(gamma_y), int(tile))
+
+
+@torch.library.register_fake("sdft_kernels::cka_ucentre")
+def _ucentre_fake(gram):
+    return torch.empty_like(gram)
+
+
+@torch.library.register_fake("sdft_kernels::kernel_hsic_stats")
+def _stats_fake(x, y, kernel, gamma_x, gamma_y, tile):
+    n = x.shape[0]
+    f64 = dict(dtype=torch.float64, device=x.device)
+    return x.new_empty(3, **f64), x.new_empty(2, n, **f64), x.new_empty(2, n, **f64)
+
+
+@torch.library.register_fake("sdft_kernels::cka_comoment_merge_")
+def _merge_fake(acc, raw, r_x, r_y, n_b, d_x, d_y, w):
+    return None
