@@ -14,7 +14,18 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(sdft_kernels, m) {
   // ---- distillation divergence (csrc/cpu/distill*.cpp, csrc/cuda/distill*.cu) ----
-  // (section owned by the distillation kernels)
+  // Per-row divergence between teacher and student distributions and, in the same pass, its gradient
+  // w.r.t. the student logits (backward only scales it). divergence: 0 forward KL, 1 reverse KL,
+  // 2 JSD(beta). valid: bool [N], rows to compute (others get loss 0 and gradient 0). Returns
+  // (loss [N] float32 (float64 for float64 logits), grad [N, V] in the logits' dtype, or [0, 0] when
+  // compute_grad is false). Python API: sdft_kernels.distill_loss / distill_loss_topk /
+  // fused_linear_distill_loss (sdft_kernels/ops/distill.py, ops/fused_linear.py).
+  m.def("distill_dense(Tensor student_logits, Tensor teacher_logits, Tensor valid, int divergence, "
+        "float beta, float temperature, bool compute_grad) -> (Tensor, Tensor)");
+  // Top-k teacher: teacher_topk_logprobs [N, k] (float32, float64 for float64 logits) and
+  // teacher_topk_indices [N, k] (int64); the teacher's missing mass is one tail bucket.
+  m.def("distill_topk(Tensor student_logits, Tensor teacher_topk_logprobs, Tensor teacher_topk_indices, "
+        "Tensor valid, int divergence, float beta, float temperature, bool compute_grad) -> (Tensor, Tensor)");
 
   // ---- CKA (csrc/cpu/cka*.cpp, csrc/cuda/cka*.cu) ----
   // (section owned by the CKA kernels)

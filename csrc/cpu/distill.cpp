@@ -1,0 +1,103 @@
+// CPU kernel of sdft_kernels::distill_dense: per-row fused distillation divergence and its gradient
+// with respect to the student logits, in one call (see csrc/common/distill_math.h for the formulas
+// and csrc/cpu/distill_row.h for the passes over a row). Rows run in parallel (at::parallel_for); the
+// row loops are compiled twice, for AVX2+FMA and for the baseline ISA, and picked at run time.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#include "common/checks.h"
+#include "cpu/distill_common.h"
+#include "cpu/distill_row.h"
+
+namespace sdft::distill::cpu {
+namespace {
+
+template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void dense_rows_body(const RowParams<acc_t>& P, const scalar_t* S, const scalar_t* T,
+                                              const bool* valid, acc_t* loss, scalar_t* G, int64_t r0,
+                                              int64_t r1, acc_t* bq, acc_t* bp, RowError& err) {
+  const int64_t V = P.V;
+  for (int64_t r = r0; r < r1; ++r) {
+    scalar_t* g = GRAD ? G + r * V : nullptr;
+    if (!valid[r]) {  // ignored token: zero loss, zero gradient, inputs not even read
+      loss[r] = 0;
+      if constexpr (GRAD) std::fill(g, g + V, scalar_t(0));
+      continue;
+    }
+    const int code = dense_row<DIV, GRAD>(P, S + r * V, T + r * V, g, bq, bp, loss[r]);
+    if (code != 0) err.set(r, code);
+  }
+}
+
+template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
+__attribute__((target("avx2,fma"))) void dense_rows_avx2(const RowParams<acc_t>& P, const scalar_t* S,
+                                                         const scalar_t* T, const bool* valid, acc_t* loss,
+                                                         scalar_t* G, int64_t r0, int64_t r1, acc_t* bq,
+                                                         acc_t* bp, RowError& err) {
+  dense_rows_body<DIV, GRAD>(P, S, T, valid, loss, G, r0, r1, bq, bp, err);
+}
+
+template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
+void dense_rows_base(const RowParams<acc_t>& P, const scalar_t* S, const scalar_t* T, const bool* valid,
+                     acc_t* loss, scalar_t* G, int64_t r0, int64_t r1, acc_t* bq, acc_t* bp, RowError& err) {
+  dense_rows_body<DIV, GRAD>(P, S, T, valid, loss, G, r0, r1, bq, bp, err);
+}
+
+template <int64_t DIV, bool GRAD, typename scalar_t>
+void run_dense(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid, at::Tensor& loss,
+               at::Tensor& grad, double beta, double temperature) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = s.size(0), V = s.size(1);
+  const RowParams<acc_t> P = make_params<acc_t>(V, beta, temperature);
+  const scalar_t* S = s.const_data_ptr<scalar_t>();
+  const scalar_t* T = t.const_data_ptr<scalar_t>();
+  const bool* vd = valid.const_data_ptr<bool>();
+  acc_t* L = loss.mutable_data_ptr<acc_t>();
+  scalar_t* G = GRAD ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+  RowError err;
+  const bool avx2 = cpu_has_avx2();
+  at::parallel_for(0, N, row_grain(V), [&](int64_t r0, int64_t r1) {
+    std::vector<acc_t> bq(V), bp(V);  // per-thread scratch rows (float32: exps, q, log m)
+    if (avx2)
+      dense_rows_avx2<DIV, GRAD>(P, S, T, vd, L, G, r0, r1, bq.data(), bp.data(), err);
+    else
+      dense_rows_base<DIV, GRAD>(P, S, T, vd, L, G, r0, r1, bq.data(), bp.data(), err);
+  });
+  err.raise("student_logits", "teacher_logits");
+}
+
+}  // namespace
+
+// student_logits, teacher_logits: N x V; valid: N (bool). Returns (loss: N in float32, float64 for
+// float64 inputs; grad: N x V in the logits' dtype, d loss[r] / d student_logits[r], or an empty
+// tensor when compute_grad is false).
+std::tuple<at::Tensor, at::Tensor> distill_dense_cpu(const at::Tensor& student_logits,
+                                                     const at::Tensor& teacher_logits, const at::Tensor& valid,
+                                                     int64_t divergence, double beta, double temperature,
+                                                     bool compute_grad) {
+  check_dense_inputs(student_logits, teacher_logits, valid, divergence, beta, temperature);
+  const at::Tensor s = student_logits.contiguous(), t = teacher_logits.contiguous(), v = valid.contiguous();
+  const int64_t N = s.size(0), V = s.size(1);
+  at::Tensor loss = at::empty({N}, s.options().dtype(loss_dtype(s.scalar_type())));
+  at::Tensor grad = at::empty({compute_grad ? N : 0, compute_grad ? V : 0}, s.options());
+  const int64_t div = effective_divergence(divergence, beta);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "distill_dense_cpu", [&] {
+    dispatch_div_grad(div, compute_grad, [&](auto DIVC, auto GRADC) {
+      run_dense<decltype(DIVC)::value, decltype(GRADC)::value, scalar_t>(s, t, v, loss, grad, beta, temperature);
+    });
+  });
+  return {loss, grad};
+}
+
+}  // namespace sdft::distill::cpu
+
+TORCH_LIBRARY_IMPL(sdft_kernels, CPU, m) {
+  m.impl("distill_dense", &sdft::distill::cpu::distill_dense_cpu);
+}

@@ -1,0 +1,223 @@
+"""Fused distillation divergence: typed wrappers over torch.ops.sdft_kernels.distill_dense / distill_topk,
+with their fake (meta) and autograd registrations.
+
+Conventions (s = student_logits / T, u = teacher_logits / T, q = softmax(s), p = softmax(u)):
+  forward_kl   KL(p || q) = sum p (log p - log q)          d/ds_j = q_j - p_j
+  reverse_kl   KL(q || p) = sum q (log q - log p)          d/ds_j = q_j (log q_j - log p_j - KL)
+  jsd          m = beta p + (1 - beta) q (TRL GKD convention)
+               beta KL(p || m) + (1 - beta) KL(q || m)    d/ds_j = (1 - beta) q_j (log q_j - log m_j - KL(q||m))
+               beta = 0 is forward KL and beta = 1 reverse KL, as in TRL (the mixture formula is 0 there).
+The gradient with respect to the raw student logits is the above times 1/T. 0 log 0 = 0, so -inf logits
+(a masked vocabulary entry) are fine where both sides are -inf; a teacher entry of -inf where the
+student has mass makes reverse KL infinite (and forward KL likewise the other way round), as the math says.
+The teacher never gets a gradient. The loss is float32 (float64 for float64 logits) whatever the
+logits' dtype; the gradient is produced by the forward kernel in the logits' dtype and backward only
+scales it (in place in eager mode, so the extra memory is one gradient buffer; backward therefore runs
+once per forward: retain_graph=True is refused with a clear error).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["distill_loss", "distill_loss_topk", "DIVERGENCES", "REDUCTIONS"]
+
+DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+REDUCTIONS = ("none", "sum", "mean", "batchmean")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# ---------------------------------------------------------------- registrations
+def _fake(student_logits, *args):
+    compute_grad = args[-1]
+    n, v = student_logits.shape
+    loss_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    loss = student_logits.new_empty((n,), dtype=loss_dtype)
+    grad = student_logits.new_empty((n, v) if compute_grad else (0, 0))
+    return loss, grad
+
+
+torch.library.register_fake("sdft_kernels::distill_dense")(_fake)
+torch.library.register_fake("sdft_kernels::distill_topk")(_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    _, grad = output
+    ctx.save_for_backward(grad)
+    ctx.used = False
+
+
+def scale_saved_grad(ctx, grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """grad * grad_loss[:, None] in grad's dtype (the scale multiplies in float32). In eager mode the
+    saved buffer is scaled in place (no second N x V tensor); under torch.compile out of place."""
+    if grad.numel() == 0 and grad_loss.numel() != 0:
+        raise RuntimeError("distill: backward reached an op that was run without computing its gradient "
+                           "(student_logits did not require grad when the loss was computed)")
+    scale = grad_loss.reshape(-1, 1).to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
+    if torch.compiler.is_compiling():
+        return (grad * scale).to(grad.dtype)
+    if ctx.used:
+        raise RuntimeError("distill: backward through the same distillation loss twice (retain_graph=True) "
+                           "is not supported: its saved gradient buffer is scaled in place to save memory; "
+                           "recompute the loss instead")
+    ctx.used = True
+    return grad.mul_(scale)
+
+
+def _backward_dense(ctx, grad_loss, _grad_unused):
+    (grad,) = ctx.saved_tensors
+    return scale_saved_grad(ctx, grad, grad_loss), None, None, None, None, None, None
+
+
+def _backward_topk(ctx, grad_loss, _grad_unused):
+    (grad,) = ctx.saved_tensors
+    return scale_saved_grad(ctx, grad, grad_loss), None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("sdft_kernels::distill_dense", _backward_dense, setup_context=_setup_context)
+torch.library.register_autograd("sdft_kernels::distill_topk", _backward_topk, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- argument checks (before any work)
+def _check_logits(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{name}: expected float32, bfloat16, float16 or float64, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{name}: expected shape [..., V] with V >= 1, got {tuple(x.shape)}")
+
+
+def check_options(divergence, beta, temperature, reduction):
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence: expected one of {sorted(DIVERGENCES)}, got {divergence!r}")
+    if not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"beta: expected a number in [0, 1], got {beta!r}")
+    if not isinstance(temperature, (int, float)) or not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+
+
+def valid_rows(lead, vocab, device, labels, ignore_index, mask) -> torch.Tensor:
+    """Bool [N] of rows that count (label != ignore_index and mask True), checked against `lead`."""
+    lead = tuple(lead)
+    valid = torch.ones(lead, dtype=torch.bool, device=device)
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError(f"labels: expected an integer tensor, got "
+                            f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+        if tuple(labels.shape) != lead:
+            raise ValueError(f"labels: expected shape {lead} (the logits without the vocabulary dim), "
+                             f"got {tuple(labels.shape)}")
+        if labels.device != device:
+            raise ValueError(f"labels: expected a tensor on {device}, got one on {labels.device}")
+        keep = labels != ignore_index
+        if not torch.compiler.is_compiling():  # data-dependent check: eager only
+            bad = keep & ((labels < 0) | (labels >= vocab))
+            if bool(bad.any()):
+                raise ValueError(f"labels: expected values in [0, {vocab}) or ignore_index={ignore_index}, "
+                                 f"got {labels[bad].flatten()[0].item()}")
+        valid = valid & keep
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask: expected a bool tensor, got {type(mask).__name__}")
+        if tuple(mask.shape) != lead:
+            raise ValueError(f"mask: expected shape {lead} (the logits without the vocabulary dim), "
+                             f"got {tuple(mask.shape)}")
+        if mask.device != device:
+            raise ValueError(f"mask: expected a tensor on {device}, got one on {mask.device}")
+        valid = valid & (mask if mask.dtype == torch.bool else mask != 0)
+    return valid.reshape(-1)
+
+
+def reduce_rows(rows, valid, reduction, batch, temperature, scale_by_t2):
+    """rows: per-token losses [...] (0 where not valid); valid: bool [N]."""
+    if reduction == "none":
+        out = rows
+    elif reduction == "sum":
+        out = rows.sum()
+    elif reduction == "mean":  # over valid tokens; 0 (not NaN) when none is valid
+        out = rows.sum() / valid.sum().clamp_min(1).to(rows.dtype)
+    else:  # batchmean: like torch.nn.KLDivLoss, divide by the first dimension of the logits
+        out = rows.sum() / max(int(batch), 1)
+    return out * (temperature * temperature) if scale_by_t2 else out
+
+
+# ---------------------------------------------------------------- public API
+def distill_loss(student_logits, teacher_logits, *, divergence="forward_kl", beta=0.5, temperature=1.0,
+                 scale_by_t2=False, labels=None, ignore_index=-100, mask=None, reduction="mean"):
+    """Fused distillation divergence between teacher_logits and student_logits ([..., V], float32,
+    bfloat16, float16 or float64, same shape/dtype/device). See the module docstring for the formulas.
+
+    labels ([...], integer): tokens whose label equals ignore_index are ignored (the values otherwise
+    only need to lie in [0, V)); mask ([...], bool): False tokens are ignored. reduction: "none" gives
+    the per-token loss [...] (0 at ignored tokens), "sum", "mean" (over valid tokens, 0 if there is
+    none) or "batchmean" (sum / student_logits.shape[0], like torch.nn.KLDivLoss). scale_by_t2
+    multiplies the loss by temperature**2 (Hinton et al.). Gradients flow to student_logits only.
+    """
+    _check_logits("student_logits", student_logits)
+    _check_logits("teacher_logits", teacher_logits)
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher_logits: expected shape {tuple(student_logits.shape)} like student_logits, "
+                         f"got {tuple(teacher_logits.shape)}")
+    if teacher_logits.dtype != student_logits.dtype:
+        raise TypeError(f"teacher_logits: expected dtype {student_logits.dtype} like student_logits, "
+                        f"got {teacher_logits.dtype}")
+    if teacher_logits.device != student_logits.device:
+        raise ValueError(f"teacher_logits: expected a tensor on {student_logits.device} like student_logits, "
+                         f"got one on {teacher_logits.device}")
+    check_options(divergence, beta, temperature, reduction)
+    lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    valid = valid_rows(lead, vocab, student_logits.device, labels, ignore_index, mask)
+    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    rows, _ = torch.ops.sdft_kernels.distill_dense(
+        student_logits.reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab), valid,
+        DIVERGENCES[divergence], float(beta), float(temperature), compute_grad)
+    batch = student_logits.shape[0] if student_logits.dim() > 1 else 1
+    return reduce_rows(rows.reshape(lead), valid, reduction, batch, temperature, scale_by_t2)
+
+
+def distill_loss_topk(student_logits, teacher_topk_logprobs, teacher_topk_indices, *, divergence="forward_kl",
+                      beta=0.5, temperature=1.0, scale_by_t2=False, labels=None, ignore_index=-100, mask=None,
+                      reduction="mean"):
+    """Distillation from a sparse teacher: its top-k log-probabilities teacher_topk_logprobs [..., k] at
+    vocabulary indices teacher_topk_indices [..., k] (distinct within a row, in [0, V)).
+
+    The divergence is taken between two distributions over k + 1 buckets: the k listed entries plus
+    one tail bucket. Teacher: exp(teacher_topk_logprobs) and tail mass max(0, 1 - sum exp(topk)).
+    Student: softmax(student_logits / T) at the k indices and its total mass outside them (summed
+    directly, no 1 - x cancellation). The teacher log-probs are used as given: temperature applies to
+    the student only (produce the teacher's log-probs at the temperature you want). When k = V the
+    tail bucket is dropped and the loss equals distill_loss with the full teacher. The tail gradient is
+    shared among the student's non-listed entries in proportion to their probabilities.
+    Other arguments as in distill_loss.
+    """
+    _check_logits("student_logits", student_logits)
+    _check_logits("teacher_topk_logprobs", teacher_topk_logprobs)
+    idx = teacher_topk_indices
+    if not isinstance(idx, torch.Tensor) or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+        raise TypeError("teacher_topk_indices: expected an integer tensor")
+    lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    k = teacher_topk_logprobs.shape[-1]
+    if tuple(teacher_topk_logprobs.shape[:-1]) != tuple(lead) or not 1 <= k <= vocab:
+        raise ValueError(f"teacher_topk_logprobs: expected shape {tuple(lead)} + [k] with 1 <= k <= {vocab}, "
+                         f"got {tuple(teacher_topk_logprobs.shape)}")
+    if idx.shape != teacher_topk_logprobs.shape:
+        raise ValueError(f"teacher_topk_indices: expected shape {tuple(teacher_topk_logprobs.shape)} like "
+                         f"teacher_topk_logprobs, got {tuple(idx.shape)}")
+    for name, t in (("teacher_topk_logprobs", teacher_topk_logprobs), ("teacher_topk_indices", idx)):
+        if t.device != student_logits.device:
+            raise ValueError(f"{name}: expected a tensor on {student_logits.device} like student_logits, "
+                             f"got one on {t.device}")
+    check_options(divergence, beta, temperature, reduction)
+    valid = valid_rows(lead, vocab, student_logits.device, labels, ignore_index, mask)
+    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    rows, _ = torch.ops.sdft_kernels.distill_topk(
+        student_logits.reshape(-1, vocab), teacher_topk_logprobs.detach().reshape(-1, k).to(acc),
+        idx.reshape(-1, k).to(torch.int64), valid, DIVERGENCES[divergence], float(beta), float(temperature),
+        compute_grad)
+    batch = student_logits.shape[0] if student_logits.dim() > 1 else 1
+    return reduce_rows(rows.reshape(lead), valid, reduction, batch, temperature, scale_by_t2)
