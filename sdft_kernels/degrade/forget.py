@@ -20,17 +20,19 @@ def _pos_int(name, v):
 
 def forget_sft(model, tokenizer, steps: int, lr: float = 3e-4, batch_size: int = 16, seed: int = 0, *,
                n_examples: int = 4096, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
-               eval_ids: torch.Tensor | None = None, eval_window: int | None = None, log_every: int = 1):
+               eval_ids: torch.Tensor | None = None, eval_window: int | None = None, log_every: int = 1,
+               task_eval_examples: int = 64):
     """Fine-tune a copy of `model` on the narrow task for `steps` AdamW steps (constant lr, batches drawn
     from a fixed pool of n_examples task examples). Returns (model in eval mode, record).
 
     Record: "loss_curve" ([step, loss] every log_every steps), "task_loss_before/after" (response CE on
-    256 held-out task examples), and with eval_ids (1-D general text tokens) "perplexity_before/after"
+    task_eval_examples held-out task examples), and with eval_ids (1-D general text tokens) "perplexity_before/after"
     so the loss of general capability is measured on the spot."""
     _pos_int("steps", steps)
     _pos_int("batch_size", batch_size)
     _pos_int("n_examples", n_examples)
     _pos_int("log_every", log_every)
+    _pos_int("task_eval_examples", task_eval_examples)
     if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr: expected a positive finite float, got {lr!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -44,7 +46,7 @@ def forget_sft(model, tokenizer, steps: int, lr: float = 3e-4, batch_size: int =
     new = copy.deepcopy(model)
     dev = model_device(new)
     train = tasks.make_examples(n_examples, seed=seed)
-    held = tasks.make_examples(256, seed=seed + 1_000_003)  # a different stream: not the training pool
+    held = tasks.make_examples(task_eval_examples, seed=seed + 1_000_003)  # a different stream: not the training pool
     rec_extra = {"task_loss_before": tasks.task_loss(new, tokenizer, held)}
     if eval_ids is not None:
         rec_extra["perplexity_before"] = perplexity(new, eval_ids, window=eval_window)
