@@ -293,7 +293,7 @@ def recover(teacher, student, train_ids: torch.Tensor, config: RecoverConfig | N
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
             opt.step()
             sched.step()
-            stats = torch.stack([kd.detach(), ce.detach()]).double() * world.world_size
+            stats = torch.stack([kd.detach(), ce.detach()]).double()  # shares of the global mean: sum, no factor
             all_reduce_sum_(stats, world)  # each rank holds its share of the global mean
             rec = {"step": step + 1, "loss": float(stats[0] + cfg.ce_weight * stats[1]),
                    "divergence": float(stats[0]), "ce": float(stats[1]) if cfg.ce_weight > 0 else None,
