@@ -13,6 +13,8 @@ COMMANDS = {
     "recover": ("sdft_kernels.commands.recover_cmd", "recover a degraded model by SDFT toward its original (resumable)"),
     "align": ("sdft_kernels.commands.align_cmd", "layer-by-layer CKA between a student and its teacher"),
     "eval": ("sdft_kernels.commands.evaluate_cmd", "held-out perplexity and narrow-task accuracy of a model"),
+    # benchmarks (owner: bench engineer)
+    "bench": ("sdft_kernels.bench", "benchmark our kernels beside every installed peer: time, memory, floor"),
 }
 
 
