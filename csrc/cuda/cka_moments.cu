@@ -1,0 +1,148 @@
+// CUDA kernels for the streamed-moment CKA estimators (CPU twins in csrc/cpu/cka_moments.cpp):
+//   cka_comoment_merge_ : Chan's merge of a batch co-moment into the float64 accumulator (element-wise)
+//   cka_ucentre         : U-centring of a stack of b x b Grams (row sums -> totals -> element-wise)
+// The per-element math comes from csrc/common/cka_math.h, which the CPU tests cover.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/cka_math.h"
+
+namespace sdft {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename scalar_t>
+__global__ void comoment_merge_kernel(double* __restrict__ acc, const scalar_t* __restrict__ raw,
+                                      const double* __restrict__ rx, const double* __restrict__ ry, double n_b,
+                                      const double* __restrict__ dx, const double* __restrict__ dy, double w,
+                                      int64_t rows, int64_t cols) {
+  const int64_t total = rows * cols;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = e / cols, j = e - i * cols;
+    acc[e] = cka::chan_comoment(acc[e], static_cast<double>(raw[e]), rx[i], ry[j], n_b, dx[i], dy[j], w);
+  }
+}
+
+__device__ inline double block_sum(double v, double* shared) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  double s = 0.0;
+  if (threadIdx.x == 0)
+    for (int k = 0; k < (blockDim.x + 31) / 32; ++k) s += shared[k];
+  __syncthreads();
+  return s;  // valid in thread 0
+}
+
+// One block per (layer, row): r[l, i] = sum_j K[l, i, j] - K[l, i, i] (row sum of K with zeroed diagonal).
+template <typename scalar_t>
+__global__ void ucentre_rows_kernel(const scalar_t* __restrict__ g, double* __restrict__ r, int64_t b) {
+  __shared__ double shared[kThreads / 32];
+  const int64_t row = blockIdx.x;  // = l * b + i
+  const scalar_t* gi = g + row * b;
+  double s = 0.0;
+  for (int64_t j = threadIdx.x; j < b; j += blockDim.x) s += static_cast<double>(gi[j]);
+  s = block_sum(s, shared);
+  if (threadIdx.x == 0) r[row] = s - static_cast<double>(gi[row % b]);
+}
+
+// One block per layer: total[l] = sum_i r[l, i].
+__global__ void ucentre_total_kernel(const double* __restrict__ r, double* __restrict__ total, int64_t b) {
+  __shared__ double shared[kThreads / 32];
+  double s = 0.0;
+  for (int64_t i = threadIdx.x; i < b; i += blockDim.x) s += r[blockIdx.x * b + i];
+  s = block_sum(s, shared);
+  if (threadIdx.x == 0) total[blockIdx.x] = s;
+}
+
+template <typename scalar_t>
+__global__ void ucentre_apply_kernel(const scalar_t* __restrict__ g, const double* __restrict__ r,
+                                     const double* __restrict__ total, scalar_t* __restrict__ out, int64_t nl,
+                                     int64_t b) {
+  const int64_t count = nl * b * b;
+  const double n = static_cast<double>(b);
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < count;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t l = e / (b * b), ij = e - l * b * b, i = ij / b, j = ij - i * b;
+    out[e] = static_cast<scalar_t>(cka::ucentre(static_cast<double>(g[e]), r[l * b + i], r[l * b + j],
+                                                total[l], n, i == j));
+  }
+}
+
+int grid_for(int64_t count) {
+  return static_cast<int>(std::min<int64_t>((count + kThreads - 1) / kThreads, 65535));
+}
+
+}  // namespace
+
+void cka_comoment_merge_cuda(const at::Tensor& acc, const at::Tensor& raw, const at::Tensor& r_x,
+                             const at::Tensor& r_y, double n_b, const at::Tensor& d_x, const at::Tensor& d_y,
+                             double w) {
+  // acc: dx x dy float64 (in place); raw: dx x dy float32/float64; r_x, d_x: [dx]; r_y, d_y: [dy] float64.
+  TORCH_CHECK(acc.scalar_type() == at::kDouble && acc.dim() == 2 && acc.is_contiguous(),
+              "acc: expected a contiguous 2-d float64 tensor, got ", acc.scalar_type(), " ", acc.sizes());
+  const int64_t rows = acc.size(0), cols = acc.size(1);
+  TORCH_CHECK(raw.dim() == 2 && raw.size(0) == rows && raw.size(1) == cols && raw.is_contiguous(),
+              "raw: expected a contiguous [", rows, ", ", cols, "] tensor, got ", raw.sizes());
+  TORCH_CHECK(raw.scalar_type() == at::kFloat || raw.scalar_type() == at::kDouble,
+              "raw: expected float32 or float64, got ", raw.scalar_type());
+  for (auto* v : {&r_x, &d_x})
+    TORCH_CHECK(v->scalar_type() == at::kDouble && v->numel() == rows && v->is_contiguous(),
+                "r_x/d_x: expected contiguous float64 vectors of length ", rows);
+  for (auto* v : {&r_y, &d_y})
+    TORCH_CHECK(v->scalar_type() == at::kDouble && v->numel() == cols && v->is_contiguous(),
+                "r_y/d_y: expected contiguous float64 vectors of length ", cols);
+  for (const at::Tensor* t : {&raw, &r_x, &r_y, &d_x, &d_y}) check_same_device(acc, "acc", *t, "raw/r/d");
+  if (acc.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(acc.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(raw.scalar_type(), "cka_comoment_merge_cuda", [&] {
+    comoment_merge_kernel<scalar_t><<<grid_for(acc.numel()), kThreads, 0, stream>>>(
+        acc.data_ptr<double>(), raw.data_ptr<scalar_t>(), r_x.data_ptr<double>(), r_y.data_ptr<double>(), n_b,
+        d_x.data_ptr<double>(), d_y.data_ptr<double>(), w, rows, cols);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+at::Tensor cka_ucentre_cuda(const at::Tensor& gram) {
+  // gram: L x b x b symmetric (float32/float64) -> U-centred, same dtype.
+  TORCH_CHECK(gram.dim() == 3 && gram.size(1) == gram.size(2), "gram: expected [L, b, b], got ", gram.sizes());
+  TORCH_CHECK(gram.scalar_type() == at::kFloat || gram.scalar_type() == at::kDouble,
+              "gram: expected float32 or float64, got ", gram.scalar_type());
+  const int64_t nl = gram.size(0), b = gram.size(1);
+  TORCH_CHECK(b > 3, "gram: U-centring needs a batch of more than 3 samples, got ", b);
+  const c10::cuda::CUDAGuard guard(gram.device());
+  auto g = gram.contiguous();
+  auto out = at::empty_like(g);
+  auto r = at::empty({nl, b}, g.options().dtype(at::kDouble));
+  auto total = at::empty({nl}, g.options().dtype(at::kDouble));
+  if (nl == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cka_ucentre_cuda", [&] {
+    ucentre_rows_kernel<scalar_t><<<nl * b, kThreads, 0, stream>>>(g.data_ptr<scalar_t>(), r.data_ptr<double>(), b);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ucentre_total_kernel<<<nl, kThreads, 0, stream>>>(r.data_ptr<double>(), total.data_ptr<double>(), b);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ucentre_apply_kernel<scalar_t><<<grid_for(nl * b * b), kThreads, 0, stream>>>(
+        g.data_ptr<scalar_t>(), r.data_ptr<double>(), total.data_ptr<double>(), out.data_ptr<scalar_t>(), nl, b);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace sdft
+
+TORCH_LIBRARY_IMPL(sdft_kernels, CUDA, m) {
+  m.impl("cka_comoment_merge_", &sdft::cka_comoment_merge_cuda);
+  m.impl("cka_ucentre", &sdft::cka_ucentre_cuda);
+}
