@@ -1,0 +1,199 @@
+"""Streaming linear CKA and minibatch CKA against the float64 NumPy references
+(sdft_kernels.reference.cka), plus invariances, streaming == one-shot, stress inputs and bad inputs."""
+import numpy as np
+import pytest
+import torch
+
+from sdft_kernels import LinearCKA, MinibatchCKA
+from sdft_kernels.reference import cka as R
+
+
+def _acts(n, d, seed, dtype=torch.float64, offset=0.0, big=0.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    if big:
+        x[:, :3] *= big  # "massive activations": a few dimensions much larger than the rest
+    return (x + offset).to(dtype)
+
+
+def _related(x, e, seed, noise=1.0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(x.shape[1], e, generator=g, dtype=torch.float64)
+    return (x.double() @ w + noise * torch.randn(x.shape[0], e, generator=g, dtype=torch.float64)).to(x.dtype)
+
+
+def _layers(n=120, widths=(12, 7, 9), tw=(8, 12, 5), seed=0, **kw):
+    xs = [_acts(n, d, seed + i, **kw) for i, d in enumerate(widths)]
+    ys = [_related(xs[i % len(xs)], e, seed + 10 + i) for i, e in enumerate(tw)]
+    return xs, ys
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_linear_all_pairs_matches_reference(debiased):
+    xs, ys = _layers()
+    m = LinearCKA("all", debiased=debiased).update(xs, ys)
+    f = R.linear_cka_debiased if debiased else R.linear_cka
+    ref = np.array([[f(x, y) for y in ys] for x in xs]).reshape(-1)
+    np.testing.assert_allclose(m.compute().numpy(), ref, rtol=0, atol=1e-12)
+    assert m.pairs == [(i, j) for i in range(3) for j in range(3)] and m.tokens == 120
+
+
+def test_linear_explicit_pairs_and_fp32():
+    xs, ys = _layers(dtype=torch.float32)
+    pairs = [(2, 0), (0, 2), (1, 1)]
+    got = LinearCKA(pairs).update(xs, ys).compute().numpy()
+    ref = [R.linear_cka(xs[i], ys[j]) for i, j in pairs]
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_self_cka_is_one(debiased):
+    x = _acts(64, 10, 3)
+    got = LinearCKA(debiased=debiased).update([x], [x.clone()]).compute()
+    assert abs(got.item() - 1.0) < 1e-12
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_invariant_to_orthogonal_transform_and_isotropic_scale(debiased):
+    xs, ys = _layers(widths=(10,), tw=(10,))
+    q, _ = torch.linalg.qr(torch.randn(10, 10, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    a = LinearCKA(debiased=debiased).update(xs, ys).compute()
+    b = LinearCKA(debiased=debiased).update([xs[0] * 7.5], [ys[0] @ q]).compute()
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-12)
+    mb_a = MinibatchCKA().update(xs, ys).compute()
+    mb_b = MinibatchCKA().update([xs[0] @ q * 0.25], [ys[0]]).compute()
+    np.testing.assert_allclose(mb_a.numpy(), mb_b.numpy(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_any_batch_split_equals_one_shot(debiased):
+    xs, ys = _layers(n=150, offset=3.0)
+    one = LinearCKA("all", debiased=debiased).update(xs, ys)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        cuts = np.sort(rng.choice(np.arange(1, 150), size=rng.integers(1, 8), replace=False))
+        m = LinearCKA("all", debiased=debiased)
+        for lo, hi in zip([0, *cuts], [*cuts, 150]):  # includes 1-token batches when cuts are adjacent
+            m.update([x[lo:hi] for x in xs], [y[lo:hi] for y in ys])
+        np.testing.assert_allclose(m.compute().numpy(), one.compute().numpy(), rtol=0, atol=1e-10)
+    # merging two accumulators and a state_dict round trip are exact too
+    a = LinearCKA("all", debiased=debiased).update([x[:40] for x in xs], [y[:40] for y in ys])
+    b = LinearCKA("all", debiased=debiased).update([x[40:] for x in xs], [y[40:] for y in ys])
+    c = LinearCKA("all", debiased=debiased).load_state_dict(a.state_dict()).merge(b)
+    np.testing.assert_allclose(c.compute().numpy(), one.compute().numpy(), rtol=0, atol=1e-10)
+    assert c.tokens == 150
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_stress_large_offset_and_massive_dims_fp32(debiased):
+    # mean offset 1e4, three dimensions 1000x larger, given as fp32: within 1e-4 of float64 (we ask 1e-6).
+    x64 = _acts(2048, 64, 1, offset=1e4, big=1000.0)
+    y64 = _related(x64 - 1e4, 48, 2, noise=300.0) + 1e4
+    x32, y32 = x64.float(), y64.float()
+    f = R.linear_cka_debiased if debiased else R.linear_cka
+    ref = f(x32, y32)  # reference on the same (fp32-rounded) values, in float64
+    m = LinearCKA(debiased=debiased)
+    for lo in range(0, 2048, 512):
+        m.update([x32[lo:lo + 512]], [y32[lo:lo + 512]])
+    assert abs(m.compute().item() - ref) < 1e-6
+    # bf16 input: upcast once, so the result matches float64 on the bf16-rounded values
+    xb, yb = x64.bfloat16(), y64.bfloat16()
+    got = LinearCKA(debiased=debiased).update([xb], [yb]).compute().item()
+    assert np.isfinite(got) and abs(got - f(xb, yb)) < 1e-4
+
+
+def test_mask_and_drop_first_select_the_right_tokens():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(3, 20, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    ys = [torch.randn(3, 20, 5, generator=g, dtype=torch.float64) + x[..., :1] for x in xs]
+    mask = torch.rand(3, 20, generator=g) > 0.3
+    keep = mask.clone()
+    keep[:, :2] = False
+    m = LinearCKA("all", drop_first=2).update(xs, ys, mask=mask)
+    ref = [R.linear_cka(x[keep], y[keep]) for x in xs for y in ys]
+    np.testing.assert_allclose(m.compute().numpy(), ref, rtol=0, atol=1e-12)
+    assert m.tokens == int(keep.sum())
+    # [T, d] inputs with a [T] mask
+    m1 = LinearCKA().update([xs[0][0]], [ys[0][0]], mask=mask[0])
+    assert abs(m1.compute().item() - R.linear_cka(xs[0][0][mask[0]], ys[0][0][mask[0]])) < 1e-12
+
+
+def test_minibatch_all_pairs_matches_reference():
+    xs, ys = _layers(n=200, offset=50.0)
+    xsb = [[x[lo:lo + 50] for x in xs] for lo in range(0, 200, 50)]
+    ysb = [[y[lo:lo + 50] for y in ys] for lo in range(0, 200, 50)]
+    m = MinibatchCKA()
+    for bx, by in zip(xsb, ysb):
+        m.update(bx, by)
+    np.testing.assert_allclose(m.compute().numpy(), R.minibatch_cka(xsb, ysb), rtol=0, atol=1e-12)
+    assert m.compute().shape == (3, 3) and m.tokens == 200 and m.batches == 4
+    # merge == sequential
+    a, b = MinibatchCKA().update(xsb[0], ysb[0]), MinibatchCKA().update(xsb[1], ysb[1])
+    seq = MinibatchCKA().update(xsb[0], ysb[0]).update(xsb[1], ysb[1])
+    np.testing.assert_allclose(a.merge(b).compute().numpy(), seq.compute().numpy(), rtol=0, atol=1e-14)
+
+
+def test_minibatch_fp32_stress_and_nan_for_constant_layer():
+    x64 = _acts(256, 32, 4, offset=1e4, big=1000.0)
+    y64 = _related(x64 - 1e4, 24, 5, noise=300.0) + 1e4
+    m = MinibatchCKA().update([x64.float()], [y64.float()])
+    ref = R.minibatch_cka([[x64.float()]], [[y64.float()]])
+    assert abs(m.compute().item() - ref[0, 0]) < 1e-5
+    const = torch.ones(256, 32)
+    out = MinibatchCKA().update([const], [y64.float()]).compute()
+    assert torch.isnan(out).all()  # self-HSIC of a constant layer is 0: CKA undefined, reported as NaN
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, y = _acts(10, 4, 0), _acts(10, 3, 1)
+    with pytest.raises(ValueError, match=r"ys\[0\]"):
+        LinearCKA().update([x], [y[:9]])  # token counts differ
+    with pytest.raises(ValueError, match="mask"):
+        LinearCKA().update([x], [y], mask=torch.ones(9, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask"):
+        LinearCKA().update([x], [y], mask=torch.ones(10))
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        LinearCKA().update([bad], [y])
+    with pytest.raises(TypeError, match="xs\\[0\\]"):
+        LinearCKA().update([x.long()], [y])
+    with pytest.raises(ValueError, match="diagonal"):
+        LinearCKA().update([x, x], [y])
+    with pytest.raises(ValueError, match="out of range"):
+        LinearCKA([(0, 3)]).update([x], [y])
+    with pytest.raises(ValueError, match="widths"):
+        LinearCKA().update([x], [y]).update([x[:, :2]], [y])
+    with pytest.raises(ValueError, match="drop_first"):
+        LinearCKA(drop_first=-1)
+    with pytest.raises(ValueError, match="more than 3"):
+        MinibatchCKA().update([x[:3]], [y[:3]])
+    with pytest.raises(RuntimeError, match="no tokens"):
+        LinearCKA().compute()
+
+
+def test_ucentre_op_matches_formula_and_opcheck():
+    from sdft_kernels.ops.cka import ucentre
+    g = torch.randn(3, 9, 9, dtype=torch.float64)
+    g = g + g.transpose(1, 2)
+    u = ucentre(g)
+    n = 9
+    for k in range(3):
+        kt = g[k] - torch.diag(torch.diagonal(g[k]))
+        r = kt.sum(1)
+        ref = kt - r[:, None] / (n - 2) - r[None, :] / (n - 2) + kt.sum() / ((n - 1) * (n - 2))
+        ref.fill_diagonal_(0)
+        torch.testing.assert_close(u[k], ref, rtol=0, atol=1e-12)
+    torch.library.opcheck(torch.ops.sdft_kernels.cka_ucentre.default, (g,))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("debiased", [False, True])
+def test_cuda_linear_and_minibatch_match_cpu(debiased):
+    xs, ys = _layers(n=300, offset=100.0, dtype=torch.float32)
+    cpu = LinearCKA("all", debiased=debiased).update(xs, ys).compute()
+    gpu = LinearCKA("all", debiased=debiased).update([x.cuda() for x in xs], [y.cuda() for y in ys]).compute()
+    np.testing.assert_allclose(gpu.numpy(), cpu.numpy(), rtol=0, atol=1e-6)
+    mc = MinibatchCKA().update(xs, ys).compute()
+    mg = MinibatchCKA().update([x.cuda() for x in xs], [y.cuda() for y in ys]).compute()
+    np.testing.assert_allclose(mg.numpy(), mc.numpy(), rtol=0, atol=1e-5)
