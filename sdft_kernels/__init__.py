@@ -11,3 +11,4 @@ from . import _C  # noqa: F401  registers torch.ops.sdft_kernels.*
 __version__ = "0.1.0"
 
 # Public API, one import line per family (each family's module re-exports its typed wrappers).
+from .cka import LinearCKA, MinibatchCKA, kernel_cka, kernel_hsic  # noqa: E402,F401  (streaming CKA)
