@@ -87,3 +87,10 @@ def _print_table(harness, rows):
     for case_rows in cases.values():
         print(harness.format_case(case_rows))
     sys.stdout.flush()
+
+
+if __name__ == "__main__":   # `python -m sdft_kernels.bench ...` (no other command module imported)
+    import argparse
+    _p = argparse.ArgumentParser(prog="python -m sdft_kernels.bench", description=__doc__.splitlines()[0])
+    configure(_p)
+    sys.exit(main(_p.parse_args()))
