@@ -294,22 +294,22 @@ def cases(device: str = "cpu", quick: bool = False) -> list:
             out.append(_hsic_case(p, 1024, 32, "rbf", device, with_error=True))
         return out
     # Issue 4's sizes: 12 + 12 layers, n = 8192 tokens, d = 768, LLM-like float32 activations.
-    for p in ("gemm(float32)", "gemm(float64)", "ours", "numpy-f64", "torch-gram", "ckatorch"):
+    for p in ("gemm(float32)", "ours", "numpy-f64", "torch-gram", "ckatorch"):
         out.append(_diag_case(p, 12, 8192, 768, device))
+    out[-2].skip = ("not run at n=8192 on this CPU: 24 n x n Grams = 2.5 TFLOP (minutes); "
+                    "see the n=2048 row")
     # Growth in n, d and layers (cheap providers + the ckatorch peer).
     for L, n, d in ((12, 2048, 768), (4, 8192, 768), (12, 8192, 256)):
-        for p in ("ours", "numpy-f64", "ckatorch"):
+        for p in ("ours", "numpy-f64", "ckatorch") + (("torch-gram",) if n == 2048 else ()):
             out.append(_diag_case(p, L, n, d, device))
     for p in ("ours", "numpy-f64", "cka-pytorch", "torch-cka", "ckatorch"):
         out.append(_minibatch_case(p, 12, 8192, 768, 1024, device))
-    out.append(_minibatch_case("torch-cka", 12, 8192, 768, 1024, device, data="clean"))
     # Long sequences: errors at n=4096 (where the float64 dense reference fits), growth to 65536.
     for p in ("ours", "torch-dense", "numpy-f64"):
         out.append(_hsic_case(p, 4096, 256, "rbf", device, with_error=True))
     for p in ("ours", "torch-dense"):
         out.append(_hsic_case(p, 16384, 256, "rbf", device))
     out.append(_hsic_case("ours", 65536, 256, "rbf", device))
-    out.append(_hsic_case("ours", 65536, 256, "linear", device))
     big = _hsic_case("ours", 262144, 256, "rbf", device)
     big.skip = "not run on this CPU: 16x the n=65536 time (n^2 growth), over the run's time budget"
     out.append(big)

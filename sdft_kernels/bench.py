@@ -25,6 +25,10 @@ def configure(parser):
                              "with --quick so quick rows never mix with the recorded ones)")
     parser.add_argument("--budget", type=float, default=None,
                         help="timing budget per case in seconds after warm-up (default 0.5 quick, 2 full)")
+    parser.add_argument("--providers", default=None,
+                        help="comma-separated providers to run (e.g. ours,naive); default: all")
+    parser.add_argument("--kernels", default=None,
+                        help="comma-separated kernels to run (e.g. distill_loss,kernel_hsic); default: all")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
 
 
@@ -62,7 +66,11 @@ def main(args) -> int:
     for name in (["distill", "cka"] if args.which == "all" else [args.which]):
         mod = families[name]
         by_kernel = {}
+        want_p = set(args.providers.split(",")) if args.providers else None
+        want_k = set(args.kernels.split(",")) if args.kernels else None
         for case in mod.cases(device, args.quick):
+            if (want_p and case.provider not in want_p) or (want_k and case.kernel not in want_k):
+                continue
             by_kernel.setdefault(case.kernel, []).append(case)
         for kernel, cases in by_kernel.items():
             rows += harness.run_cases(cases, st, kernel, log=lambda line: print(line, flush=True))
