@@ -44,8 +44,8 @@ def brute_force_distances(model, seqs, n):
         h.remove()
         states = [out.hidden_states[i][0, -1].double() for i in range(L)] + [captured["last"][0, -1].double()]
         d = []
-        for l in range(L - n + 1):
-            a, b = states[l], states[l + n]
+        for start in range(L - n + 1):
+            a, b = states[start], states[start + n]
             cos = float(a @ b) / (float(a.norm()) * float(b.norm()))
             d.append(math.acos(max(-1.0, min(1.0, cos))) / math.pi)
         per_seq.append(d)
@@ -66,8 +66,10 @@ def test_prune_blocks_matches_brute_force_and_skips_blocks(model, calib, n):
     assert model.config.num_hidden_layers == 6 and len(model.model.layers) == 6  # input untouched
     assert len(rec["distances_all"]) == 5 and rec["distances_all"][str(n)] == rec["distances"]
     # The pruned model == the original with the removed blocks replaced by the identity.
-    hooks = [model.model.layers[i].register_forward_hook(lambda m, a, kw, o: kw.get("hidden_states", a[0] if a else None),
-                                                         with_kwargs=True) for i in rec["removed"]]
+    def skip(mod, args, kwargs, out):
+        return args[0] if args else kwargs["hidden_states"]
+
+    hooks = [model.model.layers[i].register_forward_hook(skip, with_kwargs=True) for i in rec["removed"]]
     try:
         with torch.no_grad():
             expect = model(calib).logits

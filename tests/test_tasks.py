@@ -1,7 +1,6 @@
 """The shipped narrow task: deterministic examples, the template, answer extraction, response-only
 labels, and batched (left-padded) greedy generation equal to one-at-a-time generation."""
 import pytest
-import torch
 
 from sdft_kernels import tasks
 from sdft_kernels.models import tiny_random_model

@@ -60,6 +60,13 @@ def block_linears(model: nn.Module, include_lm_head: bool = False) -> list[tuple
     return out
 
 
+def check_finite_weights(targets) -> None:
+    """Refuse to degrade weights that already hold NaN/Inf (the result would be meaningless)."""
+    for name, _, _, lin in targets:
+        if not bool(torch.isfinite(lin.weight).all()):
+            raise ValueError(f"model: layer {name} has NaN/Inf weights")
+
+
 def check_calib(calib_ids, name: str = "calib_ids") -> torch.Tensor:
     """Calibration tokens as a LongTensor [n, T] (a 1-D sequence becomes one row)."""
     if calib_ids is None:

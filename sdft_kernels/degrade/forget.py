@@ -44,6 +44,8 @@ def forget_sft(model, tokenizer, steps: int, lr: float = 3e-4, batch_size: int =
     from ..evaluate import perplexity
 
     new = copy.deepcopy(model)
+    for p_ in new.parameters():  # a frozen input (e.g. a teacher) is still fine-tuned as a copy
+        p_.requires_grad_(True)
     dev = model_device(new)
     train = tasks.make_examples(n_examples, seed=seed)
     held = tasks.make_examples(task_eval_examples, seed=seed + 1_000_003)  # a different stream: not the training pool

@@ -16,7 +16,8 @@ import math
 import torch
 from torch import nn
 
-from .common import check_calib, copy_model, identity_map, record, run_blocks_sequentially
+from .common import (block_linears, check_calib, check_finite_weights, copy_model, identity_map, record,
+                     run_blocks_sequentially)
 from .quantize import QuantLinear, accounting, check_spec, effective_group, group_params, max_code, rtn_params
 
 
@@ -136,6 +137,7 @@ def quantize_gptq(model: nn.Module, calib_ids: torch.Tensor, bits: int, group_si
     for name, v in (("block_size", block_size), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    check_finite_weights(block_linears(model))
     new = copy_model(model)
     pairs, per_layer = [], {}
     modules = dict(new.named_modules())
@@ -145,6 +147,8 @@ def quantize_gptq(model: nn.Module, calib_ids: torch.Tensor, bits: int, group_si
             parent_name, attr = name.rsplit(".", 1)
             lin = modules[name]
             W0 = lin.weight.detach()
+            if not bool(torch.isfinite(st.H).all()):
+                raise FloatingPointError(f"quantize_gptq: NaN/Inf calibration activations at the input of {name}")
             Q, sc, zr = gptq_quantize_weight(W0, st.H, bits, group_size, symmetric, damp, block_size)
             s_rtn, z_rtn = rtn_params(W0, bits, group_size, symmetric)
             ql_rtn = QuantLinear(W0.clone(), None, bits, group_size, symmetric, s_rtn, z_rtn)

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as tprune
 
-from .common import (block_linears, check_calib, copy_model, decoder_layers, identity_map, layers_attr_path,
-                     model_device, record, run_blocks_sequentially)
+from .common import (block_linears, check_calib, check_finite_weights, copy_model, decoder_layers, identity_map,
+                     layers_attr_path, model_device, record, run_blocks_sequentially)
 
 METHODS = ("magnitude", "wanda")
 
@@ -182,6 +182,7 @@ def _apply_masks(model, calib_ids, method, batch_size, mask_fn):
     targets = block_linears(model)
     if not targets:
         raise ValueError("model: no nn.Linear layers found in the decoder blocks")
+    check_finite_weights(targets)
     if method == "magnitude":
         for name, _, _, lin in targets:
             prune_layer(name, lin, None)
@@ -224,7 +225,8 @@ def prune_2_4(model: nn.Module, method: str = "magnitude", calib_ids=None, *, ba
     calib_ids = _check_method(method, calib_ids, batch_size)
     for name, _, _, lin in block_linears(model):
         if lin.in_features % 4:
-            raise ValueError(f"model: layer {name} has in_features={lin.in_features}, not a multiple of 4 (2:4 needs it)")
+            raise ValueError(f"model: layer {name} has in_features={lin.in_features}, "
+                             "not a multiple of 4 (2:4 needs it)")
     new = copy_model(model)
     acc = _apply_masks(new, calib_ids, method, batch_size, _two_four_mask)
     return new, record("prune_2_4", {"method": method, "pattern": "2:4"}, identity_map(new), **acc)

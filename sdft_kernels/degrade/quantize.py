@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import block_linears, copy_model, identity_map, record
+from .common import block_linears, check_finite_weights, copy_model, identity_map, record
 
 ALLOWED_BITS = (2, 3, 4, 8)
 SCALE_BITS = 16  # scales are stored (and used) as float16
@@ -199,6 +199,7 @@ def replace_linears(model, include_lm_head, make_layer) -> dict:
     targets = block_linears(model, include_lm_head=include_lm_head)
     if not targets:
         raise ValueError("model: no nn.Linear layers found in the decoder blocks")
+    check_finite_weights(targets)
     pairs = []
     for name, parent, attr, lin in targets:
         w0 = lin.weight.detach().clone()
@@ -224,4 +225,4 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-from .gptq import quantize_gptq  # noqa: E402  (gptq builds on the grid defined above)
+from .gptq import quantize_gptq  # noqa: E402,F401  (re-exported; gptq builds on the grid defined above)
