@@ -1,0 +1,107 @@
+"""Tiled long-sequence kernel HSIC/CKA (no n x n Gram) against the dense float64 references."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sdft_kernels import kernel_cka, kernel_hsic
+from sdft_kernels.ops.cka import kernel_hsic_stats
+from sdft_kernels.reference import cka as R
+
+
+def _pair(n=53, d=7, e=5, seed=0, dtype=torch.float64, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.tanh(x @ torch.randn(d, e, generator=g, dtype=torch.float64)) + 0.3 * torch.randn(
+        n, e, generator=g, dtype=torch.float64)
+    return (x + offset).to(dtype), (y + offset).to(dtype)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_tiled_equals_dense_for_every_tile_size(kernel, unbiased):
+    x, y = _pair()
+    ref_h = R.kernel_hsic(x, y, kernel, unbiased=unbiased)
+    ref_c = R.kernel_cka(x, y, kernel, unbiased=unbiased)
+    for tile in (1, 2, 5, 8, 16, 17, 52, 53, 64, 300):  # dividing, non-dividing, single tile, larger than n
+        h = kernel_hsic(x, y, kernel, unbiased=unbiased, tile=tile)
+        assert abs(h - ref_h) <= 1e-12 * max(1.0, abs(ref_h)), (tile, h, ref_h)
+        c = kernel_cka(x, y, kernel, unbiased=unbiased, tile=tile)
+        assert abs(c - ref_c) < 1e-12, (tile, c, ref_c)
+
+
+def test_stats_op_matches_dense_grams():
+    x, y = _pair(n=37)
+    sums, rows, diag = kernel_hsic_stats(x, y, "rbf", 0.1, 0.3, 10)
+    k, l = R.gram_rbf(x, math.sqrt(5.0)), R.gram_rbf(y, math.sqrt(1 / 0.6))
+    np.testing.assert_allclose(sums.numpy(), [(k * l).sum(), (k * k).sum(), (l * l).sum()], rtol=1e-12)
+    np.testing.assert_allclose(rows.numpy(), np.stack([k.sum(1), l.sum(1)]), rtol=1e-12)
+    np.testing.assert_allclose(diag.numpy(), np.stack([np.diag(k), np.diag(l)]), rtol=1e-12)
+    torch.library.opcheck(torch.ops.sdft_kernels.kernel_hsic_stats.default, (x, y, 1, 0.1, 0.3, 10))
+
+
+def test_given_sigma_pair_and_median_heuristic():
+    x, y = _pair(n=40)
+    assert abs(kernel_cka(x, y, "rbf", sigma=(1.5, 0.7)) - R.kernel_cka(x, y, "rbf", sigma=(1.5, 0.7))) < 1e-12
+    big_x, big_y = _pair(n=1500, d=4, e=3, seed=2)  # > 1024 tokens: the pilot subsample is used
+    from sdft_kernels.cka import _median_sigma
+    assert abs(_median_sigma(big_x) - R.median_sigma(big_x)) < 1e-12
+
+
+def test_self_cka_invariances_and_mask():
+    x, y = _pair(n=60)
+    assert abs(kernel_cka(x, x.clone(), "rbf", tile=16) - 1.0) < 1e-12
+    q, _ = torch.linalg.qr(torch.randn(5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    for kernel in ("linear", "rbf"):  # median-heuristic RBF is scale invariant too
+        a = kernel_cka(x, y, kernel, tile=16)
+        b = kernel_cka(3.0 * x, y @ q, kernel, tile=16)
+        assert abs(a - b) < 1e-12
+    mask = torch.rand(60, generator=torch.Generator().manual_seed(3)) > 0.4
+    got = kernel_cka(x, y, "linear", unbiased=True, mask=mask, tile=9)
+    assert abs(got - R.kernel_cka(x[mask], y[mask], "linear", unbiased=True)) < 1e-12
+
+
+def test_fp32_large_offset_close_to_float64():
+    x, y = _pair(n=300, d=16, e=12, offset=1e4)
+    x[:, :2] *= 1000
+    xf, yf = x.float(), y.float()
+    for kernel in ("linear", "rbf"):
+        ref = R.kernel_cka(xf, yf, kernel)
+        assert abs(kernel_cka(xf, yf, kernel, tile=64) - ref) < 1e-5
+
+
+def test_bad_inputs():
+    x, y = _pair(n=20)
+    with pytest.raises(ValueError, match="tokens"):
+        kernel_hsic(x, y[:19])
+    with pytest.raises(ValueError, match="kernel"):
+        kernel_hsic(x, y, kernel="poly")
+    with pytest.raises(ValueError, match="mask"):
+        kernel_hsic(x, y, mask=torch.ones(19, dtype=torch.bool))
+    bad = x.clone()
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        kernel_cka(bad, y)
+    with pytest.raises(ValueError, match="more than 3"):
+        kernel_hsic(x[:3], y[:3], unbiased=True)
+    with pytest.raises(ValueError, match="sigma"):
+        kernel_hsic(x, y, "rbf", sigma=0.0)
+    with pytest.raises(ValueError, match="tile"):
+        kernel_hsic(x, y, tile=0)
+    with pytest.raises(ValueError, match=r"\[n, d\]"):
+        kernel_hsic(x[None], y)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_cuda_tiled_matches_cpu(kernel):
+    x, y = _pair(n=1000, d=70, e=33, dtype=torch.float32)  # tiles of 64 that do not divide n
+    s_c, r_c, d_c = kernel_hsic_stats(x, y, kernel, 0.01, 0.02, 128)
+    s_g, r_g, d_g = kernel_hsic_stats(x.cuda(), y.cuda(), kernel, 0.01, 0.02, 128)
+    torch.testing.assert_close(s_g.cpu(), s_c, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(r_g.cpu(), r_c, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(d_g.cpu(), d_c, rtol=1e-5, atol=1e-5)
+    for unbiased in (False, True):
+        ref = R.kernel_cka(x, y, kernel, unbiased=unbiased)
+        assert abs(kernel_cka(x.cuda(), y.cuda(), kernel, unbiased=unbiased) - ref) < 1e-5
