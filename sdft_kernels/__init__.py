@@ -12,3 +12,4 @@ __version__ = "0.1.0"
 
 # Public API, one import line per family (each family's module re-exports its typed wrappers).
 from .cka import LinearCKA, MinibatchCKA, kernel_cka, kernel_hsic  # noqa: E402,F401  (streaming CKA)
+from . import degrade, evaluate, tasks  # noqa: E402,F401  (degradation, evaluation, the narrow task)
