@@ -13,3 +13,6 @@ __version__ = "0.1.0"
 # Public API, one import line per family (each family's module re-exports its typed wrappers).
 from .cka import LinearCKA, MinibatchCKA, kernel_cka, kernel_hsic  # noqa: E402,F401  (streaming CKA)
 from . import degrade, evaluate, tasks  # noqa: E402,F401  (degradation, evaluation, the narrow task)
+from .ops.distill import distill_loss, distill_loss_topk  # noqa: E402,F401  (fused distillation)
+from .ops.fused_linear import fused_linear_distill_loss  # noqa: E402,F401
+from .losses import DistillationLoss  # noqa: E402,F401

@@ -3,6 +3,7 @@
 // and csrc/cpu/distill_row.h for the passes over a row). Rows run in parallel (at::parallel_for); the
 // row loops are compiled twice, for AVX2+FMA and for the baseline ISA, and picked at run time.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -13,6 +14,11 @@
 #include <vector>
 
 #include "common/checks.h"
+// The row loops select with ternaries; GCC only if-converts (and so vectorises) them without
+// -ftrapping-math. FP exception flags are never read here, so drop it for the code below only.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include "cpu/distill_common.h"
 #include "cpu/distill_row.h"
 

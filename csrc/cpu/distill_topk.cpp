@@ -4,6 +4,7 @@
 // per-element math (common/distill_math.h); a bucket's gradient reaches its student logits in
 // proportion to q_j / Q_bucket (so singleton buckets get it whole, the tail shares it).
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -13,6 +14,11 @@
 #include <limits>
 #include <vector>
 
+// The row loops select with ternaries; GCC only if-converts (and so vectorises) them without
+// -ftrapping-math. FP exception flags are never read here, so drop it for the code below only.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include "cpu/distill_common.h"
 #include "cpu/distill_row.h"
 

@@ -1,0 +1,81 @@
+"""nn.Module form of the fused distillation losses, for training loops (Hugging Face or plain PyTorch).
+
+Plug-in for a Hugging Face causal LM step, without forking model code:
+
+    loss_fn = DistillationLoss(divergence="forward_kl", temperature=2.0)
+    with torch.no_grad():
+        t_out = teacher(input_ids, attention_mask=attn)
+    s_out = student(input_ids, attention_mask=attn)
+    loss = loss_fn(s_out.logits, t_out.logits, mask=attn.bool())
+
+or, never materialising the N x V logits, from the last hidden states and the lm_heads:
+
+    s_h = student.model(input_ids, attention_mask=attn).last_hidden_state      # base model only
+    with torch.no_grad():
+        t_h = teacher.model(input_ids, attention_mask=attn).last_hidden_state
+    loss = loss_fn.from_hidden(s_h, student.get_output_embeddings(), t_h,
+                               teacher.get_output_embeddings(), mask=attn.bool())
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .ops.distill import check_options, distill_loss
+from .ops.fused_linear import fused_linear_distill_loss
+
+__all__ = ["DistillationLoss"]
+
+
+class DistillationLoss(nn.Module):
+    """Distillation loss module; options as in sdft_kernels.distill_loss.
+
+    shift_labels=True applies the causal-LM shift (logits at position t are scored against labels at
+    t + 1, as Hugging Face models do): the last position's logits and the first label are dropped.
+    """
+
+    def __init__(self, divergence="forward_kl", beta=0.5, temperature=1.0, scale_by_t2=False,
+                 ignore_index=-100, reduction="mean", shift_labels=False, vocab_alignment=None, chunk_size=None):
+        super().__init__()
+        check_options(divergence, beta, temperature, reduction)
+        self.divergence, self.beta, self.temperature = divergence, float(beta), float(temperature)
+        self.scale_by_t2, self.ignore_index, self.reduction = scale_by_t2, ignore_index, reduction
+        self.shift_labels, self.vocab_alignment, self.chunk_size = shift_labels, vocab_alignment, chunk_size
+
+    def _options(self):
+        return dict(divergence=self.divergence, beta=self.beta, temperature=self.temperature,
+                    scale_by_t2=self.scale_by_t2, ignore_index=self.ignore_index, reduction=self.reduction)
+
+    def _shift(self, s, t, labels, mask):
+        if not self.shift_labels:
+            return s, t, labels, mask
+        s, t = s[..., :-1, :], t[..., :-1, :]
+        labels = None if labels is None else labels[..., 1:]
+        mask = None if mask is None else mask[..., 1:]
+        return s, t, labels, mask
+
+    def forward(self, student_logits, teacher_logits, labels=None, mask=None):
+        """student_logits, teacher_logits: [..., V]; labels / mask: [...] (see distill_loss)."""
+        s, t, labels, mask = self._shift(student_logits, teacher_logits, labels, mask)
+        return distill_loss(s, t, labels=labels, mask=mask, **self._options())
+
+    def from_hidden(self, student_hidden, student_head, teacher_hidden, teacher_head, labels=None, mask=None):
+        """Fused-linear form: *_hidden [..., H] are the final hidden states, *_head an nn.Linear
+        (the model's lm_head, e.g. model.get_output_embeddings()) or a weight tensor [V, H]."""
+        sw, sb = _weight_bias("student_head", student_head)
+        tw, tb = _weight_bias("teacher_head", teacher_head)
+        s, t, labels, mask = self._shift(student_hidden, teacher_hidden, labels, mask)
+        return fused_linear_distill_loss(s, sw, t, tw, student_bias=sb, teacher_bias=tb,
+                                         vocab_alignment=self.vocab_alignment, chunk_size=self.chunk_size,
+                                         labels=labels, mask=mask, **self._options())
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self._options().items())
+
+
+def _weight_bias(name, head):
+    if isinstance(head, torch.Tensor):
+        return head, None
+    if isinstance(head, nn.Module) and isinstance(getattr(head, "weight", None), torch.Tensor):
+        return head.weight, getattr(head, "bias", None)
+    raise TypeError(f"{name}: expected an nn.Linear-like module (with .weight [V, H]) or a weight tensor")

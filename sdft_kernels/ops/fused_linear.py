@@ -1,0 +1,180 @@
+"""Fused linear + distillation divergence: the lm_head matmuls and the fused divergence kernel run chunk
+by chunk over tokens, so the full N x V logits never exist.
+
+Per chunk of C tokens: student logits h_s W_s^T (+ b_s) and teacher logits h_t W_t^T (+ b_t) [C, V], the
+distill_dense kernel (loss rows + gradient w.r.t. the student logits, already weighted by the reduction),
+then grad_hidden[c] = G W_s and grad_weight += G^T h_s (float32 accumulator), grad_bias += sum G. Only
+those four matmuls run (no recomputation) for the scalar reductions; backward scales the accumulated
+gradients by the incoming scalar. reduction="none" cannot fold the per-token incoming gradient into the
+weight gradient ahead of time, so it recomputes the chunks in backward (two more matmuls per chunk).
+"""
+from __future__ import annotations
+
+import torch
+
+from .distill import DIVERGENCES, check_options, valid_rows
+
+__all__ = ["fused_linear_distill_loss", "DEFAULT_CHUNK_BYTES"]
+
+DEFAULT_CHUNK_BYTES = 256 * 2**20  # logits + gradient of one chunk (student, teacher, grad)
+
+
+def _chunk_rows(n, vocab, elem_bytes, chunk_size):
+    if chunk_size is not None:
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+        return chunk_size
+    rows = DEFAULT_CHUNK_BYTES // max(1, 3 * vocab * elem_bytes)
+    if rows >= 64:
+        rows -= rows % 64  # whole GEMM tiles
+    return int(max(1, min(n, rows)))
+
+
+def _chunks(sh, sw, sb, th, tw, tb, valid, row_w, div, beta, tau, vocab, chunk, want):
+    """One pass over the token chunks. row_w [N] weights each row's loss (None: no gradient wanted).
+    Returns rows [N] float32/64 and, when gradients are wanted, (grad_h, grad_w fp32, grad_b fp32)."""
+    n = sh.shape[0]
+    need_h, need_w, need_b = want
+    grad = row_w is not None
+    acc = torch.float64 if sh.dtype == torch.float64 else torch.float32
+    rows = torch.empty(n, dtype=acc, device=sh.device)
+    gh = torch.empty_like(sh) if grad and need_h else None
+    gw = torch.zeros(sw.shape, dtype=acc, device=sw.device) if grad and need_w else None
+    gb = torch.zeros(sw.shape[0], dtype=acc, device=sw.device) if grad and need_b else None
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        hs = sh[c0:c1]
+        s_logits = torch.nn.functional.linear(hs, sw[:vocab], None if sb is None else sb[:vocab])
+        t_logits = torch.nn.functional.linear(th[c0:c1], tw[:vocab], None if tb is None else tb[:vocab])
+        loss, g = torch.ops.sdft_kernels.distill_dense(s_logits, t_logits, valid[c0:c1], div, beta, tau, grad)
+        rows[c0:c1] = loss
+        del s_logits, t_logits
+        if not grad:
+            continue
+        g.mul_(row_w[c0:c1, None])  # the chunk's gradient buffer is ours: scale in place
+        if gh is not None:
+            torch.matmul(g, sw[:vocab], out=gh[c0:c1])
+        if gw is not None:
+            if g.dtype == acc:
+                gw[:vocab].addmm_(g.t(), hs)
+            else:  # bf16/fp16: the GEMM accumulates in fp32 inside; chunks add up in the fp32 buffer
+                gw[:vocab].add_(g.t() @ hs)
+        if gb is not None:
+            gb[:vocab].add_(g.sum(0, dtype=acc))
+    return rows, gh, gw, gb
+
+
+class _FusedLinearDistill(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, sh, sw, sb, th, tw, tb, valid, row_w, opts):
+        div, beta, tau, vocab, chunk, per_row = opts
+        want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], sb is not None and ctx.needs_input_grad[2])
+        any_grad = any(want)
+        ctx.opts, ctx.want = opts, want
+        ctx.dtypes = (sh.dtype, sw.dtype, None if sb is None else sb.dtype)
+        if per_row or not any_grad:  # reduction="none": gradients are computed in backward
+            rows, *_ = _chunks(sh, sw, sb, th, tw, tb, valid, None, div, beta, tau, vocab, chunk, want)
+            ctx.save_for_backward(sh, sw, sb, th, tw, tb, valid)
+            return rows
+        rows, gh, gw, gb = _chunks(sh, sw, sb, th, tw, tb, valid, row_w, div, beta, tau, vocab, chunk, want)
+        ctx.save_for_backward(gh, gw, gb)
+        return (rows * row_w).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        div, beta, tau, vocab, chunk, per_row = ctx.opts
+        if per_row:  # recompute the chunks with the incoming per-token gradient as row weights
+            sh, sw, sb, th, tw, tb, valid = ctx.saved_tensors
+            row_w = grad_out.reshape(-1).to(torch.float64 if sh.dtype == torch.float64 else torch.float32)
+            _, gh, gw, gb = _chunks(sh, sw, sb, th, tw, tb, valid, row_w, div, beta, tau, vocab, chunk, ctx.want)
+            scale = None
+        else:
+            gh, gw, gb = ctx.saved_tensors
+            scale = grad_out
+        dtypes = ctx.dtypes
+        out = []
+        for t, dtype in zip((gh, gw, gb), dtypes):
+            if t is not None:
+                if scale is not None:
+                    t = t * scale
+                t = t.to(dtype)
+            out.append(t)
+        return out[0], out[1], out[2], None, None, None, None, None, None
+
+
+def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
+                              teacher_bias=None, vocab_alignment=None, chunk_size=None, divergence="forward_kl",
+                              beta=0.5, temperature=1.0, scale_by_t2=False, labels=None, ignore_index=-100,
+                              mask=None, reduction="mean"):
+    """distill_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T +
+    teacher_bias, ...) without ever holding the N x V logits.
+
+    student_hidden [..., Hs], student_weight [V, Hs], teacher_hidden [..., Ht], teacher_weight [V', Ht]
+    (Ht may differ from Hs), biases [V] / [V'] or None; all floating, student and teacher each in one
+    dtype, on one device. V != V' raises unless vocab_alignment="shared_prefix": both vocabularies are
+    then cut to their first min(V, V') entries (the student's extra rows of student_weight get no
+    gradient). chunk_size: tokens per chunk (default: as many as fit DEFAULT_CHUNK_BYTES of logits +
+    gradient). Gradients flow to student_hidden, student_weight and student_bias (weight and bias
+    gradients accumulate in float32); the teacher gets none. Other options as in distill_loss.
+    """
+    names = (("student_hidden", student_hidden), ("student_weight", student_weight),
+             ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight))
+    for name, t in names + (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
+        if t is None and "bias" in name:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+            raise TypeError(f"{name}: expected a floating-point tensor")
+        if t.device != student_hidden.device:
+            raise ValueError(f"{name}: expected a tensor on {student_hidden.device}, got one on {t.device}")
+    if student_hidden.dim() < 1 or student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[-1]:
+        raise ValueError(f"student_weight: expected shape [V, {student_hidden.shape[-1]}] (student_hidden is "
+                         f"{tuple(student_hidden.shape)}), got {tuple(student_weight.shape)}")
+    if teacher_weight.dim() != 2 or teacher_weight.shape[1] != teacher_hidden.shape[-1]:
+        raise ValueError(f"teacher_weight: expected shape [V', {teacher_hidden.shape[-1]}] (teacher_hidden is "
+                         f"{tuple(teacher_hidden.shape)}), got {tuple(teacher_weight.shape)}")
+    if tuple(teacher_hidden.shape[:-1]) != tuple(student_hidden.shape[:-1]):
+        raise ValueError(f"teacher_hidden: expected leading shape {tuple(student_hidden.shape[:-1])} like "
+                         f"student_hidden, got {tuple(teacher_hidden.shape)}")
+    if student_weight.dtype != student_hidden.dtype:
+        raise TypeError(f"student_weight: expected dtype {student_hidden.dtype} like student_hidden, "
+                        f"got {student_weight.dtype}")
+    if teacher_hidden.dtype != student_hidden.dtype or teacher_weight.dtype != student_hidden.dtype:
+        raise TypeError(f"teacher_hidden/teacher_weight: expected dtype {student_hidden.dtype} like "
+                        f"student_hidden, got {teacher_hidden.dtype}/{teacher_weight.dtype}")
+    v_s, v_t = student_weight.shape[0], teacher_weight.shape[0]
+    for name, b, v in (("student_bias", student_bias, v_s), ("teacher_bias", teacher_bias, v_t)):
+        if b is not None and (tuple(b.shape) != (v,) or b.dtype != student_hidden.dtype):
+            raise ValueError(f"{name}: expected shape ({v},) and dtype {student_hidden.dtype}, "
+                             f"got {tuple(b.shape)} {b.dtype}")
+    if vocab_alignment not in (None, "shared_prefix"):
+        raise ValueError(f"vocab_alignment: expected None or 'shared_prefix', got {vocab_alignment!r}")
+    if v_s != v_t and vocab_alignment is None:
+        raise ValueError(f"teacher_weight: vocabulary size {v_t} differs from student_weight's {v_s}; pass "
+                         f"vocab_alignment='shared_prefix' to compare the first min(V, V') entries")
+    check_options(divergence, beta, temperature, reduction)
+    vocab = min(v_s, v_t)
+    lead = tuple(student_hidden.shape[:-1])
+    valid = valid_rows(lead, vocab, student_hidden.device, labels, ignore_index, mask)
+    sh = student_hidden.reshape(-1, student_hidden.shape[-1])
+    th = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    n = sh.shape[0]
+    chunk = _chunk_rows(n, vocab, sh.element_size(), chunk_size)
+    acc = torch.float64 if sh.dtype == torch.float64 else torch.float32
+    # Row weights of the scalar reductions (their gradient is folded into the kernel's output).
+    if reduction == "mean":
+        row_w = valid.to(acc) / valid.sum().clamp_min(1).to(acc)
+    elif reduction == "batchmean":
+        row_w = valid.to(acc) / max(int(student_hidden.shape[0]) if student_hidden.dim() > 1 else 1, 1)
+    else:
+        row_w = valid.to(acc)
+    if scale_by_t2:
+        row_w = row_w * (temperature * temperature)
+    per_row = reduction == "none"
+    opts = (DIVERGENCES[divergence], float(beta), float(temperature), vocab, chunk, per_row)
+    out = _FusedLinearDistill.apply(sh, student_weight, student_bias, th, teacher_weight.detach(),
+                                    None if teacher_bias is None else teacher_bias.detach(), valid, row_w, opts)
+    if per_row:
+        out = out.reshape(lead)
+        if scale_by_t2:
+            out = out * (temperature * temperature)
+    return out
