@@ -417,3 +417,19 @@ def load_full_state(model: torch.nn.Module, model_state: dict,
         if optim_state is None:
             raise ValueError("load_full_state: optim_state is None but an optimizer was given")
         set_optimizer_state_dict(model, optimizer, optim_state, options=_state_options(strict=strict))
+
+
+def unshard_into(model: torch.nn.Module, fresh: torch.nn.Module | None, world: World, *,
+                 strict: bool = True) -> torch.nn.Module | None:
+    """Copy the full weights of `model` (FSDP-sharded, DDP-wrapped or plain) into `fresh`, a plain
+    module of the same structure that only the main rank needs (others pass None). A collective:
+    every rank calls it. Returns `fresh` on the main rank, None elsewhere. This is how an
+    FSDP-trained student becomes an ordinary model again for evaluation and `save_pretrained`.
+    """
+    state, _ = full_state(model, world)
+    if not world.is_main:
+        return None
+    if fresh is None:
+        raise ValueError("unshard_into: the main rank must pass the module to fill (fresh)")
+    fresh.load_state_dict(state, strict=strict)
+    return fresh

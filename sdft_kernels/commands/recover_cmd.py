@@ -54,8 +54,20 @@ def main(args) -> int:
     out = Path(args.out)
     kl0 = kl_to_teacher(teacher, student, held)
     res = recover(teacher, student, train_ids, cfg, out_dir=out, align_ids=held, layer_map=layer_map, world=world)
-    student = merge_lora(res.student)
-    kl1 = kl_to_teacher(teacher, student, held)
+    student = res.student
+    if world.is_distributed and cfg.strategy == "fsdp":
+        # FSDP leaves the weights sharded: gather them into a plain copy of the student on rank 0
+        from ..align import unwrap
+        from ..distributed import unshard_into
+        from ..recover import _apply_lora
+        from .common import load_any
+        fresh = load_any(args.student)[0] if world.is_main else None
+        if fresh is not None and cfg.lora:
+            fresh = _apply_lora(fresh, cfg)
+        unshard_into(unwrap(student), unwrap(fresh) if fresh is not None else None, world)
+        student = fresh
+    student = merge_lora(student)
+    kl1 = kl_to_teacher(teacher, student, held) if world.is_main else None
     if world.is_main:
         sio.save_model_dir(student, stok, out / "model", record)
         summary = {"steps": cfg.steps, "resumed_from": res.resumed_from, "kl_before": kl0, "kl_after": kl1,
