@@ -56,9 +56,11 @@ def _keep_index(shape, mask, drop_first, device):
     return keep.reshape(-1).nonzero().squeeze(1)
 
 
-def _tokens(acts: list, name: str, shape, idx, check_finite=True) -> list:
-    """Flatten each layer to [n_kept, d] in float32 (float64 stays float64), after validating it."""
-    out = []
+def _tokens(acts: list, name: str, shape, idx):
+    """Flatten each layer to [n_kept, d] in float32 (float64 stays float64), after validating it.
+    Returns (features, float64 column means). Only kept tokens are checked for NaN/Inf (padding may hold
+    anything): any NaN/Inf makes the float64 column sum non-finite, so the check costs no extra pass."""
+    out, means = [], []
     for i, a in enumerate(acts):
         if not isinstance(a, torch.Tensor):
             raise TypeError(f"{name}[{i}]: expected a tensor, got {type(a).__name__}")
@@ -67,13 +69,16 @@ def _tokens(acts: list, name: str, shape, idx, check_finite=True) -> list:
         if a.dim() not in (2, 3) or tuple(a.shape[:-1]) != tuple(shape):
             raise ValueError(f"{name}[{i}]: expected shape {list(shape)} + [d] (same tokens as {name}[0] / "
                              f"the first layer), got {list(a.shape)}")
-        if check_finite and not bool(torch.isfinite(a).all()):
-            raise ValueError(f"{name}[{i}]: activations contain NaN or Inf")
         f = a.reshape(-1, a.shape[-1])
         if idx is not None:
             f = f.index_select(0, idx)
-        out.append(f if f.dtype == torch.float64 else f.float())
-    return out
+        f = f if f.dtype == torch.float64 else f.float()
+        m = f.mean(dim=0, dtype=torch.float64) if f.shape[0] else f.new_zeros(f.shape[1], dtype=torch.float64)
+        if not bool(torch.isfinite(m).all()):
+            raise ValueError(f"{name}[{i}]: activations contain NaN or Inf (in kept tokens)")
+        out.append(f)
+        means.append(m)
+    return out, means
 
 
 def _prepare(xs, ys, mask, drop_first):
@@ -84,11 +89,11 @@ def _prepare(xs, ys, mask, drop_first):
                          f"{list(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__}")
     shape = tuple(first.shape[:-1])
     idx = _keep_index(shape, mask, drop_first, first.device)
-    fx, fy = _tokens(xs, "xs", shape, idx), _tokens(ys, "ys", shape, idx)
+    (fx, mx), (fy, my) = _tokens(xs, "xs", shape, idx), _tokens(ys, "ys", shape, idx)
     devs = {t.device for t in fx + fy}
     if len(devs) > 1:
         raise ValueError(f"xs/ys: expected every layer on one device, got {sorted(map(str, devs))}")
-    return fx, fy, fx[0].shape[0]
+    return fx, fy, fx[0].shape[0], mx + my
 
 
 @contextlib.contextmanager
@@ -105,10 +110,9 @@ def _no_tf32(device):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _shift(x):
-    """(u, mean, r): mean in float64, u = x - s with s = mean rounded to x's dtype (small, nearly exact
+def _shift(x, mean):
+    """(u, mean, r): mean = x's float64 column mean, u = x - s with s = mean rounded to x's dtype (small, nearly exact
     values for the working-precision GEMM), r = mean - s (tiny, corrected exactly in float64)."""
-    mean = x.mean(dim=0, dtype=torch.float64)
     s = mean.to(x.dtype)
     return x - s, mean, mean - s.double()
 
@@ -204,16 +208,17 @@ class LinearCKA:
 
     def update(self, xs, ys, mask=None):
         """Accumulate one batch: xs / ys lists of student / teacher activations ([B, T, d] or [T, d])."""
-        fx, fy, n = _prepare(xs, ys, mask, self.drop_first)
+        fx, fy, n, means = _prepare(xs, ys, mask, self.drop_first)
         self._resolve(fx, fy)
         if n == 0:
             return self
-        feats = {f"x{i}": t for i, t in enumerate(fx)} | {f"y{j}": t for j, t in enumerate(fy)}
+        names = [f"x{i}" for i in range(len(fx))] + [f"y{j}" for j in range(len(fy))]
+        feats, fmean = dict(zip(names, fx + fy)), dict(zip(names, means))
         layers, moms = self._keys()
         with torch.no_grad(), _no_tf32(fx[0].device):
             u, mean, r = {}, {}, {}
             for a in layers:
-                u[a], mean[a], r[a] = _shift(feats[a])
+                u[a], mean[a], r[a] = _shift(feats[a], fmean[a])
             raw = {k: torch.mm(u[k.split("|")[0]].T, u[k.split("|")[1]]) for k in moms}
             ext = tr = None
             if self.debiased:
@@ -433,7 +438,7 @@ class MinibatchCKA:
         return int(self.n)
 
     def update(self, xs, ys, mask=None):
-        fx, fy, b = _prepare(xs, ys, mask, self.drop_first)
+        fx, fy, b, means = _prepare(xs, ys, mask, self.drop_first)
         if b <= 3:
             raise ValueError(f"xs: minibatch CKA needs more than 3 tokens per batch (unbiased HSIC), got {b} "
                              "after mask/drop_first")
@@ -445,8 +450,8 @@ class MinibatchCKA:
         wdt = torch.float64 if all(t.dtype == torch.float64 for t in fx + fy) else torch.float32
         with torch.no_grad(), _no_tf32(dev):
             grams = torch.empty(nx + len(fy), b, b, dtype=wdt, device=dev)
-            for i, t in enumerate(fx + fy):
-                u = _shift(t.to(wdt))[0]  # centring is not needed by U-centring, but conditions the Gram
+            for i, (t, mu) in enumerate(zip(fx + fy, means)):
+                u = _shift(t.to(wdt), mu)[0]  # centring is not needed by U-centring, but conditions the Gram
                 torch.mm(u, u.T, out=grams[i])
             uc = _k.ucentre(grams)
             del grams
@@ -560,7 +565,7 @@ def _kernel_inputs(x, y, kernel, sigma, tile, mask):
         raise ValueError(f"kernel: expected 'linear' or 'rbf', got {kernel!r}")
     if tile is not None and (not isinstance(tile, int) or tile < 1):
         raise ValueError(f"tile: expected a positive int or None, got {tile!r}")
-    fx, fy, n = _prepare([x], [y], mask, 0)
+    fx, fy, n, (mx, my) = _prepare([x], [y], mask, 0)
     x, y = fx[0], fy[0]
     if y.dtype != x.dtype:
         x, y = x.float(), y.float()
@@ -574,8 +579,8 @@ def _kernel_inputs(x, y, kernel, sigma, tile, mask):
             gammas[i] = 1.0 / (2.0 * s * s)
     # Centre (float64 mean): exact for both kernels' HSIC, and keeps dot products / distances well
     # conditioned in float32 for activations with large means.
-    x = x - x.mean(0, dtype=torch.float64).to(x.dtype)
-    y = y - y.mean(0, dtype=torch.float64).to(y.dtype)
+    x = x - mx.to(x.dtype)
+    y = y - my.to(y.dtype)
     return x.contiguous(), y.contiguous(), n, gammas, (tile or 256)
 
 

@@ -156,6 +156,10 @@ def test_bad_inputs_raise_clear_errors():
     bad[3, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         LinearCKA().update([bad], [y])
+    keep = torch.ones(10, dtype=torch.bool)
+    keep[3] = False  # NaN only in a masked-out (padding) token is fine
+    ok = LinearCKA().update([bad], [y], mask=keep).compute()
+    assert abs(ok.item() - R.linear_cka(x[keep], y[keep])) < 1e-12
     with pytest.raises(TypeError, match="xs\\[0\\]"):
         LinearCKA().update([x.long()], [y])
     with pytest.raises(ValueError, match="diagonal"):
