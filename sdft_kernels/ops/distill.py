@@ -145,6 +145,14 @@ def reduce_rows(rows, valid, reduction, batch, temperature, scale_by_t2):
     return out * (temperature * temperature) if scale_by_t2 else out
 
 
+def _report_bad_rows(rows, names):
+    """The CUDA kernel marks rows with NaN / +inf (or no finite entry) by a NaN loss (the CPU kernel
+    raises itself); report them in eager mode rather than propagate them."""
+    if rows.is_cuda and not torch.compiler.is_compiling() and bool(torch.isnan(rows).any()):
+        r = int(torch.isnan(rows).nonzero()[0, 0])
+        raise ValueError(f"{names}: row {r} contains NaN or +inf, or has no finite entry")
+
+
 # ---------------------------------------------------------------- public API
 def distill_loss(student_logits, teacher_logits, *, divergence="forward_kl", beta=0.5, temperature=1.0,
                  scale_by_t2=False, labels=None, ignore_index=-100, mask=None, reduction="mean"):
@@ -175,6 +183,7 @@ def distill_loss(student_logits, teacher_logits, *, divergence="forward_kl", bet
     rows, _ = torch.ops.sdft_kernels.distill_dense(
         student_logits.reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab), valid,
         DIVERGENCES[divergence], float(beta), float(temperature), compute_grad)
+    _report_bad_rows(rows, "student_logits or teacher_logits")
     batch = student_logits.shape[0] if student_logits.dim() > 1 else 1
     return reduce_rows(rows.reshape(lead), valid, reduction, batch, temperature, scale_by_t2)
 
@@ -219,5 +228,6 @@ def distill_loss_topk(student_logits, teacher_topk_logprobs, teacher_topk_indice
         student_logits.reshape(-1, vocab), teacher_topk_logprobs.detach().reshape(-1, k).to(acc),
         idx.reshape(-1, k).to(torch.int64), valid, DIVERGENCES[divergence], float(beta), float(temperature),
         compute_grad)
+    _report_bad_rows(rows, "student_logits or teacher_topk_logprobs")
     batch = student_logits.shape[0] if student_logits.dim() > 1 else 1
     return reduce_rows(rows.reshape(lead), valid, reduction, batch, temperature, scale_by_t2)

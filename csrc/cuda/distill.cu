@@ -1,0 +1,145 @@
+// CUDA kernel of sdft_kernels::distill_dense: one thread block per row (token). Pass 1 streams the
+// row once for both online log-sum-exps (student and teacher together, merged across the block with
+// lse_merge); pass 2 accumulates the divergence in float32 (float64 for float64 inputs) and, for
+// forward KL, writes the gradient; pass 3 (reverse KL / JSD) writes the gradient, which needs the
+// row total. The per-element math is csrc/common/distill_math.h, shared with (and tested through) the
+// CPU kernel. A row containing NaN or +inf (or no finite entry) gets a NaN loss, which the Python
+// wrapper reports.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "cpu/distill_common.h"
+#include "common/distill_math.h"
+#include "cuda/distill_block.cuh"
+
+namespace sdft::distill::cuda {
+namespace {
+
+constexpr int kBlock = 512;
+
+template <typename acc_t>
+struct Params {
+  int64_t V;
+  acc_t inv_tau, beta, log_beta, log_1mbeta;
+};
+
+template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kBlock) distill_dense_kernel(
+    const scalar_t* __restrict__ S,  // N x V student logits
+    const scalar_t* __restrict__ T,  // N x V teacher logits
+    const bool* __restrict__ valid,  // N
+    acc_t* __restrict__ loss,        // N
+    scalar_t* __restrict__ G,        // N x V gradient (unused unless GRAD)
+    Params<acc_t> P) {
+  __shared__ acc_t red[2 * kBlock / 32 + 2];
+  const int64_t row = blockIdx.x, V = P.V;
+  const int tid = threadIdx.x;
+  const scalar_t* z = S + row * V;
+  const scalar_t* t = T + row * V;
+  scalar_t* g = GRAD ? G + row * V : nullptr;
+  const acc_t it = P.inv_tau, inf = std::numeric_limits<acc_t>::infinity();
+  if (!valid[row]) {
+    if (GRAD)
+      for (int64_t j = tid; j < V; j += kBlock) g[j] = scalar_t(0);
+    if (tid == 0) loss[row] = acc_t(0);
+    return;
+  }
+  // Pass 1: online log-sum-exp of s and u; flag NaN / +inf.
+  acc_t ms = -inf, zs = 0, mu = -inf, zu = 0;
+  int bad = 0;
+  for (int64_t j = tid; j < V; j += kBlock) {
+    const acc_t a = static_cast<acc_t>(z[j]) * it, b = static_cast<acc_t>(t[j]) * it;
+    bad |= (a != a) | (b != b) | (a == inf) | (b == inf);
+    lse_merge(ms, zs, a, acc_t(1));
+    lse_merge(mu, zu, b, acc_t(1));
+  }
+  bad = __syncthreads_or(bad);
+  block_lse<kBlock>(ms, zs, red);
+  block_lse<kBlock>(mu, zu, red);
+  if (bad || !(zs > 0) || !(zu > 0)) {  // zs = 0: no finite student entry (all -inf)
+    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    if (GRAD)
+      for (int64_t j = tid; j < V; j += kBlock) g[j] = static_cast<scalar_t>(nan);
+    if (tid == 0) loss[row] = nan;
+    return;
+  }
+  const acc_t lzs = ms + ::log(zs), lzu = mu + ::log(zu);
+  // Pass 2: loss terms (+ forward-KL gradient).
+  acc_t L = 0, K = 0;
+  for (int64_t j = tid; j < V; j += kBlock) {
+    const acc_t lq = static_cast<acc_t>(z[j]) * it - lzs, lp = static_cast<acc_t>(t[j]) * it - lzu;
+    const acc_t q = fast_exp(lq), p = fast_exp(lp);
+    acc_t kt = 0, lm = 0;
+    L += divergence_term<acc_t>(DIV, p, q, lp, lq, P.beta, P.log_beta, P.log_1mbeta, kt, lm);
+    K += kt;
+    if (GRAD && DIV == kForwardKL) g[j] = static_cast<scalar_t>((q - p) * it);
+  }
+  L = block_sum<kBlock>(L, red);
+  if (DIV == kJSD) K = block_sum<kBlock>(K, red);
+  if (tid == 0) loss[row] = L;
+  if (!GRAD || DIV == kForwardKL) return;
+  // Pass 3: gradient with the row scalar (L for reverse KL, K = KL(q||m) for JSD).
+  const acc_t rs = DIV == kJSD ? K : L;
+  for (int64_t j = tid; j < V; j += kBlock) {
+    const acc_t lq = static_cast<acc_t>(z[j]) * it - lzs, lp = static_cast<acc_t>(t[j]) * it - lzu;
+    const acc_t q = fast_exp(lq), p = fast_exp(lp);
+    acc_t kt = 0, lm = 0;
+    if (DIV == kJSD) divergence_term<acc_t>(DIV, p, q, lp, lq, P.beta, P.log_beta, P.log_1mbeta, kt, lm);
+    g[j] = static_cast<scalar_t>(divergence_grad<acc_t>(DIV, p, q, lp, lq, lm, P.beta, rs) * it);
+  }
+}
+
+template <int64_t DIV, bool GRAD, typename scalar_t>
+void launch_dense(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid, at::Tensor& loss,
+                  at::Tensor& grad, double beta, double temperature) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = s.size(0);
+  if (N == 0) return;
+  const auto cp = sdft::distill::cpu::make_params<acc_t>(s.size(1), beta, temperature);
+  Params<acc_t> P{cp.V, cp.inv_tau, cp.beta, cp.log_beta, cp.log_1mbeta};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(s.device().index()).stream();
+  distill_dense_kernel<DIV, GRAD, scalar_t, acc_t><<<static_cast<unsigned>(N), kBlock, 0, stream>>>(
+      s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), valid.const_data_ptr<bool>(),
+      loss.mutable_data_ptr<acc_t>(), GRAD ? grad.mutable_data_ptr<scalar_t>() : nullptr, P);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+// Same contract as distill_dense_cpu (csrc/cpu/distill.cpp).
+std::tuple<at::Tensor, at::Tensor> distill_dense_cuda(const at::Tensor& student_logits,
+                                                      const at::Tensor& teacher_logits, const at::Tensor& valid,
+                                                      int64_t divergence, double beta, double temperature,
+                                                      bool compute_grad) {
+  sdft::distill::cpu::check_dense_inputs(student_logits, teacher_logits, valid, divergence, beta, temperature);
+  TORCH_CHECK(student_logits.size(0) < (int64_t(1) << 31), "student_logits: at most 2^31 - 1 rows, got ",
+              student_logits.size(0));
+  const c10::cuda::CUDAGuard guard(student_logits.device());
+  const at::Tensor s = student_logits.contiguous(), t = teacher_logits.contiguous(), v = valid.contiguous();
+  const int64_t N = s.size(0), V = s.size(1);
+  at::Tensor loss = at::empty({N}, s.options().dtype(sdft::distill::cpu::loss_dtype(s.scalar_type())));
+  at::Tensor grad = at::empty({compute_grad ? N : 0, compute_grad ? V : 0}, s.options());
+  const int64_t div = effective_divergence(divergence, beta);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "distill_dense_cuda", [&] {
+    sdft::distill::cpu::dispatch_div_grad(div, compute_grad, [&](auto DIVC, auto GRADC) {
+      launch_dense<decltype(DIVC)::value, decltype(GRADC)::value, scalar_t>(s, t, v, loss, grad, beta,
+                                                                            temperature);
+    });
+  });
+  return {loss, grad};
+}
+
+}  // namespace sdft::distill::cuda
+
+TORCH_LIBRARY_IMPL(sdft_kernels, CUDA, m) {
+  m.impl("distill_dense", &sdft::distill::cuda::distill_dense_cuda);
+}
