@@ -34,11 +34,17 @@ def main(args) -> int:
     teacher, tok, student, _, record, layer_map = load_pair(args.teacher, args.student)
     T = args.block_len or default_block_len(teacher)
     ids = blocks(tok, text, T, None, "--text")[-args.blocks:]
+    from ..distributed import init_world
+    world = init_world()  # under torchrun: blocks sharded over ranks, CKA statistics all-reduced
+    if world.is_distributed:  # each rank runs both models on its own device (cuda:LOCAL_RANK with nccl)
+        teacher.to(world.device), student.to(world.device)
     res = align(teacher, student, ids, layer_map=layer_map, chunk_len=args.chunk, drop_first=args.drop_first,
-                heatmap=not args.no_heatmap, kernel=args.kernel, progress=True)
+                heatmap=not args.no_heatmap, kernel=args.kernel, progress=world.is_main, world=world)
     if args.overhead:
         res["overhead"] = measure_overhead(teacher, student, ids[0], layer_map=layer_map, chunk_len=args.chunk,
                                            heatmap=not args.no_heatmap)
+    if not world.is_main:
+        return 0  # every rank holds the same result; the main rank writes it
     if args.plot and "heatmap" in res:
         from pathlib import Path
         from ..plots import heatmap
