@@ -13,7 +13,7 @@ student has mass makes reverse KL infinite (and forward KL likewise the other wa
 The teacher never gets a gradient. The loss is float32 (float64 for float64 logits) whatever the
 logits' dtype; the gradient is produced by the forward kernel in the logits' dtype and backward only
 scales it (in place in eager mode, so the extra memory is one gradient buffer; backward therefore runs
-once per forward: retain_graph=True is refused with a clear error).
+once per forward: retain_graph=True is refused with a clear error, except for float64).
 """
 from __future__ import annotations
 
@@ -48,29 +48,45 @@ def _setup_context(ctx, inputs, output):
     ctx.used = False
 
 
+def _check_not_reused(ctx):
+    if getattr(ctx, "used", False):
+        raise RuntimeError("distill: backward through the same distillation loss twice (retain_graph=True) "
+                           "is not supported for float32/bfloat16/float16 logits: the saved gradient buffer "
+                           "is scaled in place to save memory; recompute the loss instead (float64 logits, "
+                           "the checking dtype, allow it)")
+
+
+def _plain_eager(t: torch.Tensor) -> bool:
+    """True outside any tracing (dynamo, AOT autograd, make_fx): only then is mutating a saved tensor
+    invisible to the graph machinery."""
+    if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
+        return False
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+    return get_proxy_mode() is None
+
+
 def scale_saved_grad(ctx, grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     """grad * grad_loss[:, None] in grad's dtype (the scale multiplies in float32). In eager mode the
-    saved buffer is scaled in place (no second N x V tensor); under torch.compile out of place."""
+    saved buffer is scaled in place (no second N x V tensor); under torch.compile, and for float64
+    (the gradcheck dtype, which backpropagates several times through one graph), out of place."""
     if grad.numel() == 0 and grad_loss.numel() != 0:
         raise RuntimeError("distill: backward reached an op that was run without computing its gradient "
                            "(student_logits did not require grad when the loss was computed)")
     scale = grad_loss.reshape(-1, 1).to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
-    if torch.compiler.is_compiling():
+    if grad.dtype == torch.float64 or not _plain_eager(grad):
         return (grad * scale).to(grad.dtype)
-    if ctx.used:
-        raise RuntimeError("distill: backward through the same distillation loss twice (retain_graph=True) "
-                           "is not supported: its saved gradient buffer is scaled in place to save memory; "
-                           "recompute the loss instead")
     ctx.used = True
     return grad.mul_(scale)
 
 
 def _backward_dense(ctx, grad_loss, _grad_unused):
+    _check_not_reused(ctx)
     (grad,) = ctx.saved_tensors
     return scale_saved_grad(ctx, grad, grad_loss), None, None, None, None, None, None
 
 
 def _backward_topk(ctx, grad_loss, _grad_unused):
+    _check_not_reused(ctx)
     (grad,) = ctx.saved_tensors
     return scale_saved_grad(ctx, grad, grad_loss), None, None, None, None, None, None, None
 

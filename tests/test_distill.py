@@ -1,0 +1,247 @@
+"""distill_loss (dense teacher) against the float64 pure-PyTorch reference."""
+import pytest
+import torch
+
+import sdft_kernels
+from sdft_kernels import DistillationLoss, distill_loss
+from sdft_kernels.reference.distill import distill_loss_ref
+
+DIVS = ["forward_kl", "reverse_kl", "jsd"]
+
+
+def _close(name, got, want, atol, rtol=0.0):
+    got, want = got.double(), want.double()
+    err = (got - want).abs()
+    bad = err > atol + rtol * want.abs()
+    assert not bool(bad.any()), (f"{name}: {int(bad.sum())} of {got.numel()} differ, max abs err "
+                                 f"{float(err.max()):.3e} at {tuple(int(i) for i in (bad.nonzero()[0]))}")
+
+
+def _inputs(shape, dtype=torch.float32, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    t = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    return s, t
+
+
+def _check(s, t, atol=2e-6, grad_atol=1e-6, **kw):
+    """Value and gradient of distill_loss on (s, t) vs the float64 reference on the same values."""
+    s = s.detach().requires_grad_()
+    out = distill_loss(s, t, **kw)
+    w = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (g,) = torch.autograd.grad((out.double() * w).sum(), s)
+    s64 = s.detach().double().requires_grad_()
+    ref = distill_loss_ref(s64, t.double(), **kw)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), s64)
+    _close("loss", out, ref, atol, rtol=1e-5)
+    _close("grad", g, g_ref, grad_atol, rtol=1e-4)
+    assert g.dtype == s.dtype and out.dtype in (torch.float32, torch.float64)
+    return out, g
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batchmean", "none"])
+def test_matches_reference(divergence, temperature, reduction):
+    s, t = _inputs((3, 7, 101))
+    labels = torch.randint(0, 101, (3, 7), generator=torch.Generator().manual_seed(2))
+    labels[0, :3] = -100
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[2, 5:] = False
+    _check(s, t, divergence=divergence, temperature=temperature, reduction=reduction, labels=labels, mask=mask,
+           beta=0.3, scale_by_t2=temperature != 1.0)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_jsd_betas_and_edges(beta):
+    s, t = _inputs((9, 33))
+    _check(s, t, divergence="jsd", beta=beta)
+    # TRL convention at the ends: beta = 0 is forward KL, beta = 1 reverse KL.
+    if beta in (0.0, 1.0):
+        other = "forward_kl" if beta == 0.0 else "reverse_kl"
+        assert torch.equal(distill_loss(s, t, divergence="jsd", beta=beta), distill_loss(s, t, divergence=other))
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+def test_gradcheck_float64(divergence):
+    s, t = _inputs((3, 5), torch.float64, scale=1.0)
+    s.requires_grad_()
+    f = lambda x: distill_loss(x, t, divergence=divergence, temperature=1.7, beta=0.4, reduction="none")  # noqa: E731
+    assert torch.autograd.gradcheck(f, (s,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("n,v", [(1, 1), (1, 7), (97, 7), (97, 1), (5, 32001)])
+@pytest.mark.parametrize("divergence", DIVS)
+def test_odd_shapes(n, v, divergence):
+    s, t = _inputs((n, v))
+    out, g = _check(s, t, divergence=divergence)
+    if v == 1:  # one class: both distributions are [1], no divergence, no gradient
+        assert float(out) == 0.0 and not bool(g.any())
+
+
+def test_non_contiguous():
+    s, t = _inputs((40, 2 * 61))
+    s_nc, t_nc = s[::2, ::2], t.t().contiguous().t()[::2, ::2]
+    assert not s_nc.is_contiguous() and not t_nc.is_contiguous()
+    for div in DIVS:
+        _check(s_nc, t_nc, divergence=div)
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+def test_neg_inf_entries_and_huge_logits(divergence):
+    s, t = _inputs((6, 50))
+    vocab_mask = torch.rand(6, 50, generator=torch.Generator().manual_seed(3)) < 0.3
+    vocab_mask[:, 0] = False
+    s = s.masked_fill(vocab_mask, float("-inf"))
+    t = t.masked_fill(vocab_mask, float("-inf"))
+    out, g = _check(s, t, divergence=divergence, reduction="none")
+    assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(g).all())
+    assert not bool(g[vocab_mask].any())
+    big_s, big_t = torch.sign(_inputs((6, 50))[0]) * 1e4, _inputs((6, 50), seed=5)[0] * 1e4
+    out, g = _check(big_s, big_t, divergence=divergence, atol=1e-2, grad_atol=1e-6)
+    assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(g).all())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batchmean", "none"])
+def test_all_tokens_ignored(reduction):
+    s, t = _inputs((4, 30))
+    s.requires_grad_()
+    labels = torch.full((4,), -100)
+    out = distill_loss(s, t, labels=labels, reduction=reduction)
+    out.sum().backward()
+    assert not bool(torch.isnan(out).any()) and float(out.abs().sum()) == 0.0
+    assert s.grad is not None and not bool(s.grad.any())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("divergence", DIVS)
+def test_low_precision_error_bounded_by_pytorch(dtype, divergence):
+    s, t = _inputs((64, 1000), dtype, scale=2.0)
+    s64, t64 = s.double().requires_grad_(), t.double()
+    ref = distill_loss_ref(s64, t64, divergence=divergence, reduction="sum")
+    (g_ref,) = torch.autograd.grad(ref, s64)
+    errs = {}
+    for name, fn in (("ours", distill_loss), ("torch", distill_loss_ref)):
+        x = s.detach().requires_grad_()
+        out = fn(x, t, divergence=divergence, reduction="sum")
+        (g,) = torch.autograd.grad(out, x)
+        errs[name] = (abs(float(out) - float(ref)), float((g.double() - g_ref).abs().max()))
+    # small multiple of plain PyTorch's error in the same dtype (+ the dtype's own rounding of the output)
+    eps = torch.finfo(dtype).eps
+    assert errs["ours"][0] <= 2 * errs["torch"][0] + 1e-4 * abs(float(ref)), errs
+    assert errs["ours"][1] <= 2 * errs["torch"][1] + eps * float(g_ref.abs().max()), errs
+
+
+def test_teacher_gets_no_gradient_and_eval_mode():
+    s, t = _inputs((5, 20))
+    s.requires_grad_()
+    t.requires_grad_()
+    distill_loss(s, t).backward()
+    assert t.grad is None and s.grad is not None
+    with torch.no_grad():
+        assert torch.allclose(distill_loss(s, t), distill_loss_ref(s, t), atol=1e-6)
+
+
+def test_retain_graph_refused():
+    s, t = _inputs((4, 10))
+    s.requires_grad_()
+    loss = distill_loss(s, t)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+
+
+def _bad(fn, match, exc=(ValueError, TypeError, RuntimeError)):
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+def test_bad_inputs_name_the_argument():
+    s, t = _inputs((4, 10))
+    _bad(lambda: distill_loss(s, t[:, :9]), "teacher_logits")
+    _bad(lambda: distill_loss(s, t.double()), "teacher_logits")
+    _bad(lambda: distill_loss(s.long(), t), "student_logits")
+    _bad(lambda: distill_loss(s, t, labels=torch.tensor([0, 1, 2, 10])), "labels")
+    _bad(lambda: distill_loss(s, t, labels=torch.tensor([0, 1, 2])), "labels")
+    _bad(lambda: distill_loss(s, t, mask=torch.ones(3, dtype=torch.bool)), "mask")
+    _bad(lambda: distill_loss(s, t, beta=1.5, divergence="jsd"), "beta")
+    _bad(lambda: distill_loss(s, t, temperature=0.0), "temperature")
+    _bad(lambda: distill_loss(s, t, temperature=-1.0), "temperature")
+    _bad(lambda: distill_loss(s, t, divergence="kl"), "divergence")
+    _bad(lambda: distill_loss(s, t, reduction="avg"), "reduction")
+    s_nan = s.clone()
+    s_nan[2, 3] = float("nan")
+    _bad(lambda: distill_loss(s_nan, t), "student_logits")
+    t_inf = t.clone()
+    t_inf[1, 0] = float("inf")
+    _bad(lambda: distill_loss(s, t_inf), "teacher_logits")
+    _bad(lambda: distill_loss(torch.full((2, 3), float("-inf")), torch.zeros(2, 3)), "student_logits")
+
+
+def test_opcheck():
+    s, t = _inputs((6, 37))
+    valid = torch.tensor([True, False, True, True, True, True])
+    for div in (0, 1, 2):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            args = (s.to(dtype).requires_grad_(), t.to(dtype), valid, div, 0.3, 1.5, True)
+            torch.library.opcheck(torch.ops.sdft_kernels.distill_dense.default, args,
+                                  test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_torch_compile_fullgraph():
+    s, t = _inputs((2, 5, 64))
+    mask = torch.rand(2, 5, generator=torch.Generator().manual_seed(4)) > 0.3
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x, y, m):
+        return distill_loss(x, y, divergence="jsd", beta=0.3, temperature=2.0, mask=m)
+
+    x = s.clone().requires_grad_()
+    out = step(x, t, mask)
+    out.backward()
+    x_ref = s.clone().requires_grad_()
+    ref = distill_loss(x_ref, t, divergence="jsd", beta=0.3, temperature=2.0, mask=mask)
+    ref.backward()
+    assert torch.allclose(out, ref, atol=1e-6) and torch.allclose(x.grad, x_ref.grad, atol=1e-7)
+
+
+def test_module_hf_shift_and_labels():
+    s, t = _inputs((2, 6, 40))
+    labels = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(6))
+    labels[1, 4] = -100
+    mod = DistillationLoss(divergence="reverse_kl", temperature=2.0, scale_by_t2=True, shift_labels=True)
+    got = mod(s, t, labels=labels)
+    want = distill_loss_ref(s[:, :-1].double(), t[:, :-1].double(), divergence="reverse_kl", temperature=2.0,
+                            scale_by_t2=True, labels=labels[:, 1:])
+    assert abs(float(got) - float(want)) < 1e-6
+    assert "reverse_kl" in repr(mod)
+    assert sdft_kernels.DistillationLoss is DistillationLoss
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("divergence", DIVS)
+def test_cuda_matches_reference(dtype, divergence):
+    for n, v in ((97, 7), (33, 32001), (1, 1)):
+        s, t = _inputs((n, v), dtype)
+        s, t = s.cuda(), t.cuda()
+        labels = torch.randint(0, v, (n,), device="cuda")
+        labels[::5] = -100
+        x = s.clone().requires_grad_()
+        out = distill_loss(x, t, divergence=divergence, temperature=1.3, labels=labels, reduction="sum")
+        (g,) = torch.autograd.grad(out, x)
+        x64 = s.double().cpu().requires_grad_()
+        ref = distill_loss_ref(x64, t.double().cpu(), divergence=divergence, temperature=1.3,
+                               labels=labels.cpu(), reduction="sum")
+        (g_ref,) = torch.autograd.grad(ref, x64)
+        eps = 1e-5 if dtype in (torch.float32, torch.float64) else 2e-2
+        _close("cuda loss", out.cpu(), ref, eps * max(1.0, abs(float(ref))))
+        _close("cuda grad", g.cpu(), g_ref, eps)
+
+
+@pytest.mark.cuda
+def test_cuda_nan_reported():
+    s, t = _inputs((4, 100))
+    s[1, 7] = float("nan")
+    with pytest.raises(ValueError, match="row 1"):
+        distill_loss(s.cuda(), t.cuda())
