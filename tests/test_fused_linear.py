@@ -1,0 +1,102 @@
+"""fused_linear_distill_loss: chunked lm_head + fused divergence equals the unfused loss, with grads."""
+import pytest
+import torch
+
+from sdft_kernels import DistillationLoss, distill_loss, fused_linear_distill_loss
+from sdft_kernels.reference.distill import fused_linear_distill_loss_ref
+
+
+def _inputs(n=23, hs=16, ht=12, v=50, vt=None, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    return dict(student_hidden=r(n, hs), student_weight=r(v, hs) * 0.5, teacher_hidden=r(n, ht),
+                teacher_weight=r(vt or v, ht) * 0.5, student_bias=r(v), teacher_bias=r(vt or v))
+
+
+def _grads(fn, x, w, **kw):
+    leaves = {k: x[k].detach().clone().requires_grad_(k.startswith("student")) for k in x}
+    out = fn(**leaves, **kw)
+    (out * w).sum().backward() if out.dim() else (out * w).backward()
+    return out.detach(), [leaves[k].grad for k in ("student_hidden", "student_weight", "student_bias")]
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batchmean", "none"])
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_equals_unfused(divergence, reduction, chunk_size):
+    x = _inputs()
+    labels = torch.arange(23) % 50
+    labels[4:7] = -100
+    kw = dict(divergence=divergence, reduction=reduction, temperature=1.5, scale_by_t2=True, labels=labels, beta=0.3)
+    w = torch.randn(23, dtype=torch.float64) if reduction == "none" else torch.tensor(0.7, dtype=torch.float64)
+    out, g = _grads(fused_linear_distill_loss, x, w, chunk_size=chunk_size, **kw)
+    ref, g_ref = _grads(fused_linear_distill_loss_ref, x, w, **kw)
+    assert torch.allclose(out, ref, atol=1e-12, rtol=1e-10)
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-9)
+
+
+def test_float32_and_bf16_match_unfused_kernel():
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        x = _inputs(n=40, v=300, dtype=dtype)
+        w = torch.tensor(1.0)
+        out, g = _grads(fused_linear_distill_loss, x, w, chunk_size=16, divergence="jsd")
+        x64 = {k: v.double() for k, v in x.items()}
+        ref, g_ref = _grads(fused_linear_distill_loss_ref, x64, w.double(), divergence="jsd")
+        assert abs(float(out) - float(ref)) <= tol * abs(float(ref)) + 1e-6
+        for a, b in zip(g, g_ref):
+            assert a.dtype == dtype
+            assert float((a.double() - b).abs().max()) <= tol * float(b.abs().max()) + 1e-6
+
+
+def test_shared_prefix_and_leading_dims():
+    x = _inputs(v=50, vt=43)
+    with pytest.raises(ValueError, match="vocab_alignment"):
+        fused_linear_distill_loss(**x)
+    x3 = {k: (v.reshape(23, 1, -1) if "hidden" in k else v) for k, v in x.items()}
+    w = torch.tensor(1.0, dtype=torch.float64)
+    out, g = _grads(fused_linear_distill_loss, x3, w, vocab_alignment="shared_prefix", chunk_size=7)
+    ref, g_ref = _grads(fused_linear_distill_loss_ref, x3, w, vocab_alignment="shared_prefix")
+    assert torch.allclose(out, ref, atol=1e-12)
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert not bool(g[1][43:].any())  # student rows outside the shared prefix get no gradient
+
+
+def test_frozen_weight_and_module_from_hidden():
+    x = _inputs()
+    head_s = torch.nn.Linear(16, 50, dtype=torch.float64)
+    head_t = torch.nn.Linear(12, 50, dtype=torch.float64)
+    head_s.weight.requires_grad_(False)
+    h = x["student_hidden"].clone().requires_grad_()
+    mod = DistillationLoss(divergence="reverse_kl", chunk_size=6)
+    loss = mod.from_hidden(h, head_s, x["teacher_hidden"], head_t)
+    loss.backward()
+    h2 = x["student_hidden"].clone().requires_grad_()
+    ref = distill_loss(head_s(h2), head_t(x["teacher_hidden"]), divergence="reverse_kl")
+    ref.backward()
+    assert torch.allclose(loss, ref, atol=1e-12) and torch.allclose(h.grad, h2.grad, atol=1e-12)
+    assert head_s.weight.grad is None and head_s.bias.grad is not None and head_t.weight.grad is None
+
+
+def test_all_ignored_is_zero():
+    x = _inputs()
+    out, g = _grads(fused_linear_distill_loss, x, torch.tensor(1.0, dtype=torch.float64),
+                    mask=torch.zeros(23, dtype=torch.bool))
+    assert float(out) == 0.0 and all(not bool(t.any()) for t in g)
+
+
+def test_bad_inputs():
+    x = _inputs()
+    for change, match in [
+        (dict(student_weight=x["student_weight"][:, :15]), "student_weight"),
+        (dict(teacher_weight=x["teacher_weight"][:, :11]), "teacher_weight"),
+        (dict(teacher_hidden=x["teacher_hidden"][:20]), "teacher_hidden"),
+        (dict(student_weight=x["student_weight"].float()), "student_weight"),
+        (dict(student_bias=x["student_bias"][:10]), "student_bias"),
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(vocab_alignment="pad"), "vocab_alignment"),
+        (dict(temperature=-2.0), "temperature"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            fused_linear_distill_loss(**{**x, **change})
