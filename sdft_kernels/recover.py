@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from . import io as sio
 from .align import align, check_layer_map, unwrap, _layers
 from .distributed import World, all_reduce_sum_, barrier, init_world, shard, wrap_student
-from .distributed import full_state, gathered_root, load_full_state
+from .distributed import full_state, gathered_root, load_full_state, single_process_world
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -244,9 +244,12 @@ def recover(teacher, student, train_ids: torch.Tensor, config: RecoverConfig | N
         if align_ids is None or cfg.align_blocks <= 0:
             return
         student.eval()
-        with gathered_root(model):  # FSDP: the bare student's embeddings/head are gathered
+        # FSDP: every rank must run the same forwards (each one all-gathers), so each rank aligns on
+        # all the blocks itself instead of a shard; the bare student's embeddings/head are gathered.
+        aw = single_process_world(world.device) if cfg.strategy == "fsdp" else world
+        with gathered_root(model):
             a = align(teacher, student, align_ids[: cfg.align_blocks], layer_map=layer_map,
-                      heatmap=False, world=world)
+                      heatmap=False, world=aw)
         student.train()
         res.trajectory.append({"step": step, "cka": a["cka"], "mean_cka": a["mean_cka"]})
 
