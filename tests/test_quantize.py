@@ -221,3 +221,35 @@ def test_gptq_model_layer_outputs_beat_rtn():
     assert tot_g < 0.9 * tot_r, (tot_g, tot_r)
     with torch.no_grad():
         assert torch.isfinite(gq(calib).logits).all()
+
+
+def test_lora_wraps_quantlinear_and_keeps_base_quantised(model, monkeypatch):
+    """QuantLinear is an nn.Linear for peft: LoRA adapters sit on top of the quantised forward."""
+    peft = pytest.importorskip("peft")
+    import peft.tuners.lora.torchao as peft_torchao
+    # peft probes torchao for every layer with a weight and raises on the torchao pinned for the
+    # benchmarks (0.11); no torchao tensors are involved here.
+    monkeypatch.setattr(peft_torchao, "is_torchao_available", lambda: False)
+    q, _ = quantize_rtn(model, 3, group_size=32)
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = q(ids).logits
+    base = {n: m.quantized_weight().clone() for n, m in quantized_layers(q).items()}
+    q.requires_grad_(False)
+    pm = peft.get_peft_model(q, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                target_modules=["q_proj", "v_proj", "down_proj"]))
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.base_layer, QuantLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(pm(ids).logits, ref)  # LoRA B starts at zero
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):  # two steps: after the first, lora_B != 0 and lora_A gets gradients too
+        opt.zero_grad()
+        pm(ids, labels=ids).loss.backward()
+        opt.step()
+    trained = {n for n, p in pm.named_parameters() if p.grad is not None}
+    assert trained and all("lora_" in n for n in trained)
+    with torch.no_grad():
+        assert not torch.allclose(pm(ids).logits, ref)
+    for n, m in quantized_layers(pm.base_model.model).items():
+        assert torch.equal(m.quantized_weight(), base[n.replace(".base_layer", "")])

@@ -97,18 +97,22 @@ def fake_quant(w, scales, zeros, bits, group, symmetric) -> torch.Tensor:
     return (q - z) * s
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(nn.Linear):
     """A linear layer that always runs with its weight on a fixed quantisation grid.
 
     `weight` is the latent float weight (a Parameter, so training updates it); `scales`/`zeros` are
     buffers fixed when the layer was quantised. Forward uses fake_quant(weight) with a straight-through
     estimator: the forward value is the quantised weight, the gradient passes to the latent weight
     unchanged. So fine-tuning (SDFT) moves latent weights across grid points while the model the loss
-    sees stays quantised. `export()` gives the integer codes and float16 scales."""
+    sees stays quantised. `export()` gives the integer codes and float16 scales.
+
+    It subclasses nn.Linear (without nn.Linear's initialisation) so that tools which adapt linear layers,
+    such as peft's LoRA, wrap it and call its quantised forward as the base layer. The degradation code
+    itself only converts layers whose type is exactly nn.Linear, so a QuantLinear is never re-quantised."""
 
     def __init__(self, weight: torch.Tensor, bias, bits: int, group_size, symmetric: bool,
                  scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None):
-        super().__init__()
+        nn.Module.__init__(self)
         check_spec(bits, group_size, symmetric)
         self.out_features, self.in_features = weight.shape
         self.bits, self.symmetric = bits, symmetric
