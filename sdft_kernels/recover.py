@@ -86,6 +86,15 @@ def check_compatible(teacher, student, teacher_tok=None, student_tok=None) -> No
             raise ValueError("student tokenizer: its vocabulary differs from the teacher's tokenizer")
 
 
+def _fused_loss():
+    """The project's fused linear distillation loss (the N x V logits never exist)."""
+    import sdft_kernels
+    fn = getattr(sdft_kernels, "fused_linear_distill_loss", None)
+    if fn is None:
+        from .ops.fused_linear import fused_linear_distill_loss as fn
+    return fn
+
+
 class SDFTObjective(torch.nn.Module):
     """Student forward + fused distillation loss in one module, so DDP/FSDP wrap exactly what trains.
 
@@ -97,7 +106,7 @@ class SDFTObjective(torch.nn.Module):
         self.cfg = cfg
 
     def forward(self, ids, teacher_hidden, teacher_weight, teacher_bias=None):
-        from . import fused_linear_distill_loss
+        fused_linear_distill_loss = _fused_loss()
         hf = unwrap(self.student)
         h = hf.base_model(input_ids=ids).last_hidden_state          # [B, T, d_s]
         head = hf.get_output_embeddings()
@@ -203,10 +212,17 @@ def recover(teacher, student, train_ids: torch.Tensor, config: RecoverConfig | N
     out_dir = Path(out_dir) if out_dir is not None else None
     ckpt_path = out_dir / "checkpoint.pt" if out_dir else None
     metrics_path = out_dir / "metrics.jsonl" if out_dir else None
+    if out_dir is not None and world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    if student is teacher:
+        raise ValueError("student: is the teacher object itself; pass a (degraded) copy")
+    # full fine-tuning trains every student weight (QuantLinear latent weights, pruning weight_orig);
+    # LoRA freezes them and adds adapters
+    student.requires_grad_(not cfg.lora)
     if cfg.lora:
         student = _apply_lora(student, cfg)
     if world.is_distributed:
@@ -333,7 +349,7 @@ def merge_lora(student):
 def kl_to_teacher(teacher, student, ids: torch.Tensor, divergence: str = "forward_kl",
                   batch_size: int = 4) -> float:
     """Mean per-token divergence of the student from the teacher on blocks `ids` [n, T]."""
-    from . import fused_linear_distill_loss
+    fused_linear_distill_loss = _fused_loss()
     total, n = 0.0, 0
     shf, thf = unwrap(student), unwrap(teacher)
     sh, th = shf.get_output_embeddings(), thf.get_output_embeddings()
@@ -347,7 +363,7 @@ def kl_to_teacher(teacher, student, ids: torch.Tensor, divergence: str = "forwar
         total += float(fused_linear_distill_loss(hs.reshape(-1, hs.shape[-1]), sh.weight,
                                                  ht.reshape(-1, ht.shape[-1]), th.weight,
                                                  student_bias=sh.bias, teacher_bias=th.bias,
-                                                 divergence=divergence, reduction="sum"))
+                                                 divergence=divergence, reduction="none").sum())
         n += b.numel()
     student.train(was)
     return total / n

@@ -91,7 +91,15 @@ def apply_spec(spec: Spec, model, tokenizer, calib_ids=None, seed: int = 0):
         raise ValueError(f"{spec.text}: needs calibration token ids")
     if spec.kind == "forget":
         from .degrade.forget import forget_sft
-        return forget_sft(model, tokenizer, int(spec.value), seed=seed)
+        # forget_sft trains a copy of `model`; a frozen teacher (requires_grad=False, as recover()
+        # leaves it) would be copied frozen, so unfreeze for the call and restore the flags after.
+        flags = [p.requires_grad for p in model.parameters()]
+        try:
+            model.requires_grad_(True)
+            return forget_sft(model, tokenizer, int(spec.value), seed=seed)
+        finally:
+            for p, f in zip(model.parameters(), flags):
+                p.requires_grad_(f)
     if spec.kind == "rtn":
         from .degrade.quantize import quantize_rtn
         return quantize_rtn(model, int(spec.value), **spec.options)
