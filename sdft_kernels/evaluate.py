@@ -110,19 +110,23 @@ def perplexity_of_text(model, tokenizer, text: str, window: int | None = None, s
     return perplexity(model, ids, window, stride, batch_size)
 
 
-def recovery_ratio(original: float, degraded: float, recovered: float, *, rtol: float = 1e-9) -> float:
+def recovery_ratio(original: float, degraded: float, recovered: float, *, log: bool = False,
+                   rtol: float = 1e-9) -> float:
     """(recovered - degraded) / (original - degraded): the fraction of the degradation's loss that the
     recovery won back, for any metric whatever its direction (perplexity or accuracy alike).
     1 = fully recovered, 0 = no better than the degraded model, < 0 = worse than degraded, > 1 = better
-    than the original. When the degradation changed nothing (|original - degraded| <= rtol * max(
-    |original|, |degraded|, 1)) the ratio is undefined and NaN is returned."""
+    than the original. log=True applies the formula to log values (for perplexity: to the mean token
+    NLL), which needs positive inputs. When the degradation changed nothing (|original - degraded| <=
+    rtol * max(|original|, |degraded|, 1)) the ratio is undefined and NaN is returned."""
     vals = {"original": original, "degraded": degraded, "recovered": recovered}
     for k, v in vals.items():
         if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
             raise TypeError(f"{k}: expected a number, got {type(v).__name__}")
         if not math.isfinite(float(v)):
             raise ValueError(f"{k}: expected a finite number, got {v!r}")
-    o, d, r = float(original), float(degraded), float(recovered)
+        if log and float(v) <= 0:
+            raise ValueError(f"{k}: log=True needs a positive value, got {v!r}")
+    o, d, r = (math.log(float(v)) if log else float(v) for v in (original, degraded, recovered))
     if abs(o - d) <= rtol * max(abs(o), abs(d), 1.0):
         return float("nan")
     return (r - d) / (o - d)

@@ -103,6 +103,9 @@ def test_recovery_ratio():
     assert recovery_ratio(0.9, 0.5, 0.8) == pytest.approx(0.75)
     assert recovery_ratio(10.0, 20.0, 25.0) == pytest.approx(-0.5)
     assert recovery_ratio(10.0, 20.0, 9.0) == pytest.approx(1.1)
+    assert recovery_ratio(10.0, 40.0, 20.0, log=True) == pytest.approx(0.5)  # on mean NLL
+    with pytest.raises(ValueError, match="degraded"):
+        recovery_ratio(1.0, 0.0, 0.5, log=True)
     assert math.isnan(recovery_ratio(10.0, 10.0, 12.0))  # nothing was lost: undefined
     assert math.isnan(recovery_ratio(10.0, 10.0 + 1e-12, 12.0))
     with pytest.raises(ValueError, match="recovered"):
