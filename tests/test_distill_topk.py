@@ -110,3 +110,28 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.sdft_kernels.distill_topk.default,
                               (s.requires_grad_(), lp.float(), idx, valid, div, 0.5, 1.0, True),
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("divergence", DIVS)
+def test_cuda_matches_reference(dtype, divergence):
+    for n, v, k in ((97, 7, 3), (17, 32001, 50), (5, 40, 40)):
+        s, _, lp, idx = _inputs(n, v, k, dtype)
+        x = s.cuda().requires_grad_()
+        out = distill_loss_topk(x, lp.cuda(), idx.cuda(), divergence=divergence, temperature=1.2, reduction="sum")
+        (g,) = torch.autograd.grad(out, x)
+        x64 = s.double().requires_grad_()
+        ref = distill_loss_topk_ref(x64, lp.double(), idx, divergence=divergence, temperature=1.2, reduction="sum")
+        (g_ref,) = torch.autograd.grad(ref, x64)
+        tol = 1e-5 if dtype != torch.bfloat16 else 2e-2
+        assert abs(float(out) - float(ref)) <= tol * max(1.0, abs(float(ref)))
+        assert float((g.double().cpu() - g_ref).abs().max()) <= tol
+
+
+@pytest.mark.cuda
+def test_cuda_bad_index_reported():
+    s, _, lp, idx = _inputs(4, 20, 5)
+    idx[2, 1] = idx[2, 0]
+    with pytest.raises(ValueError, match="row 2"):
+        distill_loss_topk(s.cuda(), lp.cuda(), idx.cuda())

@@ -100,3 +100,17 @@ def test_bad_inputs():
     ]:
         with pytest.raises((ValueError, TypeError), match=match):
             fused_linear_distill_loss(**{**x, **change})
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_equals_unfused(dtype):
+    x = {k: v.cuda() for k, v in _inputs(n=300, v=5000, dtype=dtype).items()}
+    w = torch.tensor(1.0, device="cuda")
+    out, g = _grads(fused_linear_distill_loss, x, w, chunk_size=64, divergence="forward_kl")
+    x64 = {k: v.double() for k, v in x.items()}
+    ref, g_ref = _grads(fused_linear_distill_loss_ref, x64, w.double(), divergence="forward_kl")
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert abs(float(out) - float(ref)) <= tol * abs(float(ref)) + 1e-6
+    for a, b in zip(g, g_ref):
+        assert float((a.double() - b).abs().max()) <= tol * float(b.abs().max()) + 1e-6

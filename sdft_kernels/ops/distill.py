@@ -244,6 +244,6 @@ def distill_loss_topk(student_logits, teacher_topk_logprobs, teacher_topk_indice
         student_logits.reshape(-1, vocab), teacher_topk_logprobs.detach().reshape(-1, k).to(acc),
         idx.reshape(-1, k).to(torch.int64), valid, DIVERGENCES[divergence], float(beta), float(temperature),
         compute_grad)
-    _report_bad_rows(rows, "student_logits or teacher_topk_logprobs")
+    _report_bad_rows(rows, "student_logits, teacher_topk_logprobs or teacher_topk_indices")
     batch = student_logits.shape[0] if student_logits.dim() > 1 else 1
     return reduce_rows(rows.reshape(lead), valid, reduction, batch, temperature, scale_by_t2)
