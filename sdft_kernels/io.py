@@ -170,27 +170,33 @@ def make_tmp_dir(dst: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------------------------------------------
 
 def _plain_copy(model):
-    """A deep copy with every QuantLinear turned into nn.Linear(dequantised weight) and every
-    torch.nn.utils.prune reparametrisation made permanent."""
+    """A fresh model of the same class whose weights are what `model` computes with: every QuantLinear's
+    dequantised weight, every pruned weight with its mask applied (orig * mask). Built from the state
+    dict, not deepcopy (a pruned module holds a non-leaf `weight` that cannot be deep-copied)."""
     import copy
-    from torch.nn.utils import prune
-
-    plain = copy.deepcopy(model)
-    for name, mod in list(plain.named_modules()):
-        for hook in list(getattr(mod, "_forward_pre_hooks", {}).values()):
-            if isinstance(hook, prune.BasePruningMethod):
-                prune.remove(mod, hook._tensor_name)
-    quant = [(n, m) for n, m in plain.named_modules() if hasattr(m, "quantized_weight") and hasattr(m, "scales")]
-    for name, q in quant:
-        lin = torch.nn.Linear(q.in_features, q.out_features, bias=q.bias is not None,
-                              dtype=q.weight.dtype, device=q.weight.device)
-        with torch.no_grad():
-            lin.weight.copy_(q.quantized_weight())
-            if q.bias is not None:
-                lin.bias.copy_(q.bias)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(plain.get_submodule(parent_name) if parent_name else plain, attr, lin)
-    return plain
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = len(_decoder_layers(model))
+    effective = {}
+    quant = {n: m for n, m in model.named_modules() if hasattr(m, "quantized_weight") and hasattr(m, "scales")}
+    for n, m in quant.items():
+        effective[f"{n}.weight"] = m.quantized_weight().detach()
+    for n, m in model.named_modules():
+        for hook in getattr(m, "_forward_pre_hooks", {}).values():
+            name = getattr(hook, "_tensor_name", None)
+            if name is not None and hasattr(m, f"{name}_mask"):
+                effective[f"{n}.{name}"] = (getattr(m, f"{name}_orig") * getattr(m, f"{name}_mask")).detach()
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k.endswith(("_mask", ".scales", ".zeros")) and k.rsplit(".", 1)[0] in quant or k.endswith("_mask"):
+            continue
+        k = k[:-5] if k.endswith("_orig") else k
+        sd[k] = effective.get(k, v)
+    with torch.device("meta"):
+        plain = type(model)(config)
+    plain.load_state_dict(sd, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    return plain.eval()
 
 
 def _structure(model) -> dict:
@@ -213,7 +219,6 @@ def save_model_dir(model, tokenizer, path: str | os.PathLike, record: dict | Non
     tmp = make_tmp_dir(path)
     try:
         plain = _plain_copy(model)
-        plain.config.num_hidden_layers = len(_decoder_layers(plain))
         plain.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
