@@ -29,9 +29,10 @@ TORCH_LIBRARY(sdft_kernels, m) {
 
   // ---- CKA (csrc/cpu/cka*.cpp, csrc/cuda/cka*.cu) ----
   // (section owned by the CKA kernels)
-  // Chan merge of one batch's shifted co-moment `raw` [dx, dy] into the float64 accumulator `acc`.
+  // Chan merge of one batch's shifted co-moment `raw` [dx, dy] into the float64 accumulator `acc`;
+  // upper=True: raw is a self-moment of which only the upper triangle was computed (read it mirrored).
   m.def("cka_comoment_merge_(Tensor(a!) acc, Tensor raw, Tensor r_x, Tensor r_y, float n_b, Tensor d_x, "
-        "Tensor d_y, float w) -> ()");
+        "Tensor d_y, float w, bool upper=False) -> ()");
   // U-centring of a stack of Gram matrices [L, b, b] (zero diagonal; unbiased HSIC = <U(K),U(L)>/(b(b-3))).
   m.def("cka_ucentre(Tensor gram) -> Tensor");
   // Tiled kernel-HSIC statistics of x [n, d], y [n, e]: (sums [3], row sums [2, n], diagonals [2, n]).

@@ -58,8 +58,9 @@ def _keep_index(shape, mask, drop_first, device):
 
 def _tokens(acts: list, name: str, shape, idx):
     """Flatten each layer to [n_kept, d] in float32 (float64 stays float64), after validating it.
-    Returns (features, float64 column means). Only kept tokens are checked for NaN/Inf (padding may hold
-    anything): any NaN/Inf makes the float64 column sum non-finite, so the check costs no extra pass."""
+    Returns (features, approximate column means in the features' dtype: the shifts). Only kept tokens are
+    checked for NaN/Inf (padding may hold anything): any NaN/Inf makes the column mean non-finite, so the
+    check costs no extra pass."""
     out, means = [], []
     for i, a in enumerate(acts):
         if not isinstance(a, torch.Tensor):
@@ -73,9 +74,10 @@ def _tokens(acts: list, name: str, shape, idx):
         if idx is not None:
             f = f.index_select(0, idx)
         f = f if f.dtype == torch.float64 else f.float()
-        m = f.mean(dim=0, dtype=torch.float64) if f.shape[0] else f.new_zeros(f.shape[1], dtype=torch.float64)
+        m = f.mean(dim=0) if f.shape[0] else f.new_zeros(f.shape[1])
         if not bool(torch.isfinite(m).all()):
-            raise ValueError(f"{name}[{i}]: activations contain NaN or Inf (in kept tokens)")
+            raise ValueError(f"{name}[{i}]: activations contain NaN or Inf in kept tokens (or their sum "
+                             f"overflows {f.dtype})")
         out.append(f)
         means.append(m)
     return out, means
@@ -110,11 +112,28 @@ def _no_tf32(device):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _shift(x, mean):
-    """(u, mean, r): mean = x's float64 column mean, u = x - s with s = mean rounded to x's dtype (small, nearly exact
-    values for the working-precision GEMM), r = mean - s (tiny, corrected exactly in float64)."""
-    s = mean.to(x.dtype)
-    return x - s, mean, mean - s.double()
+def _shift(x, s):
+    """(u, mean, r) for features x and a shift s (x's approximate column mean, in x's dtype):
+    u = x - s has small values that are exact (or nearly) in the working precision, so its GEMM loses
+    nothing to the mean; r = mean(u) is tiny and corrected exactly in float64 (C = u'u - n r r');
+    mean = s + r in float64. No float64 copy of the features is made."""
+    u = x - s
+    r = u.mean(dim=0).double()
+    return u, s.double() + r, r
+
+
+def _self_moment(u, blocks=4):
+    """(m, upper): u^T u from the upper block triangle of GEMMs only (the result is symmetric), about
+    10/16 of a full GEMM's flops with 4 column blocks. upper=True means only m's upper triangle is valid
+    (the lower blocks stay zero; the merge op reads them mirrored). Narrow layers use one full GEMM."""
+    d = u.shape[1]
+    if d < 256:
+        return torch.mm(u.T, u), False
+    w = -(-d // blocks)
+    out = torch.zeros(d, d, dtype=u.dtype, device=u.device)
+    for i in range(0, d, w):
+        out[i:i + w, i:] = torch.mm(u[:, i:i + w].T, u[:, i:])  # row block: a contiguous-row copy
+    return out, True
 
 
 def _check_drop_first(drop_first):
@@ -219,7 +238,15 @@ class LinearCKA:
             u, mean, r = {}, {}, {}
             for a in layers:
                 u[a], mean[a], r[a] = _shift(feats[a], fmean[a])
-            raw = {k: torch.mm(u[k.split("|")[0]].T, u[k.split("|")[1]]) for k in moms}
+            raw, upper = {}, set()
+            for k in moms:
+                a, b = k.split("|")
+                if a == b:
+                    raw[k], up = _self_moment(u[a])
+                    if up:
+                        upper.add(k)
+                else:
+                    raw[k] = torch.mm(u[a].T, u[b])
             ext = tr = None
             if self.debiased:
                 uc = {a: u[a].double() - r[a] for a in layers}
@@ -230,12 +257,13 @@ class LinearCKA:
                     a, b = k.split("|")
                     ext[k] = (sq[a] @ sq[b], uc[b].T @ sq[a], uc[a].T @ sq[b])
                 del uc, sq
-            self._merge(float(n), mean, raw, r, ext, tr)
+            self._merge(float(n), mean, raw, r, ext, tr, upper)
         return self
 
-    def _merge(self, n_q, mean_q, mom_q, r_q, ext_q, tr_q):
+    def _merge(self, n_q, mean_q, mom_q, r_q, ext_q, tr_q, upper_q=()):
         """Merge a part (n_q tokens; float64 means; co-moments `mom_q` about the shifts whose residuals are
-        r_q, None = exactly centred; debiasing statistics ext_q with its traces tr_q) into self."""
+        r_q, None = exactly centred; keys in upper_q hold only their upper triangle; debiasing statistics
+        ext_q with its traces tr_q) into self."""
         layers, moms = self._keys()
         n_p = self.n
         n = n_p + n_q
@@ -255,6 +283,8 @@ class LinearCKA:
             for k in moms:
                 a, b = k.split("|")
                 cq = mom_q[k].double()
+                if k in upper_q:
+                    cq = torch.triu(cq) + torch.triu(cq, 1).T
                 if r_q is not None:
                     cq = cq - n_q * torch.outer(r_q[a], r_q[b])
                 sq = _shift_extras(*ext_q[k], cq, tr_q[a], tr_q[b], n_q, mean_q[a] - new_mean[a],
@@ -274,7 +304,7 @@ class LinearCKA:
             ry = r_q[b] if r_q is not None else torch.zeros_like(mean_q[b])
             raw = mom_q[k] if mom_q[k].dtype in (torch.float32, torch.float64) else mom_q[k].float()
             _k.comoment_merge_(self.mom[k], raw.contiguous(), rx, ry, n_q, self.mean[a] - mean_q[a],
-                               self.mean[b] - mean_q[b], w)
+                               self.mean[b] - mean_q[b], w, k in upper_q)
         self.mean = new_mean
         self.n = n
 

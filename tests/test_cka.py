@@ -201,3 +201,18 @@ def test_cuda_linear_and_minibatch_match_cpu(debiased):
     mc = MinibatchCKA().update(xs, ys).compute()
     mg = MinibatchCKA().update([x.cuda() for x in xs], [y.cuda() for y in ys]).compute()
     np.testing.assert_allclose(mg.numpy(), mc.numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_wide_layers_symmetric_half_gemm_path(debiased):
+    # width >= 256 takes the upper-block-triangle self-moment path (the merge op mirrors it)
+    x = _acts(90, 300, 7, offset=20.0)
+    y = _related(x, 260, 8)
+    m = LinearCKA(debiased=debiased)
+    for lo, hi in ((0, 31), (31, 61), (61, 90)):
+        m.update([x[lo:hi]], [y[lo:hi]])
+    f = R.linear_cka_debiased if debiased else R.linear_cka
+    assert abs(m.compute().item() - f(x, y)) < 1e-12
+    xx = m.mom["x0|x0"].numpy()
+    xc = x.numpy() - x.numpy().mean(0)
+    np.testing.assert_allclose(xx, xc.T @ xc, rtol=1e-10, atol=1e-8)

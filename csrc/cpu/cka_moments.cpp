@@ -26,10 +26,11 @@ void check_vec(const at::Tensor& v, int64_t len, const char* name) {
 
 // acc: d_x x d_y float64 (updated in place); raw: d_x x d_y float32/float64 = sum_i u_i v_i^T of the
 // batch's shifted features; r_x [d_x], r_y [d_y]: batch mean minus shift; d_x [d_x], d_y [d_y]: mean of
-// the accumulated part minus the batch mean; n_b: batch tokens; w = n_a n_b / (n_a + n_b).
+// the accumulated part minus the batch mean; n_b: batch tokens; w = n_a n_b / (n_a + n_b); upper: raw is
+// symmetric and only its upper triangle is valid (self-moments computed with half the GEMM flops).
 void cka_comoment_merge_cpu(const at::Tensor& acc, const at::Tensor& raw, const at::Tensor& r_x,
                             const at::Tensor& r_y, double n_b, const at::Tensor& d_x, const at::Tensor& d_y,
-                            double w) {
+                            double w, bool upper) {
   TORCH_CHECK(acc.scalar_type() == at::kDouble && acc.dim() == 2 && acc.is_contiguous(),
               "acc: expected a contiguous 2-d float64 tensor, got ", acc.scalar_type(), " ", acc.sizes());
   const int64_t dx = acc.size(0), dy = acc.size(1);
@@ -37,6 +38,7 @@ void cka_comoment_merge_cpu(const at::Tensor& acc, const at::Tensor& raw, const 
               "raw: expected a contiguous [", dx, ", ", dy, "] tensor, got ", raw.sizes());
   TORCH_CHECK(raw.scalar_type() == at::kFloat || raw.scalar_type() == at::kDouble,
               "raw: expected float32 or float64, got ", raw.scalar_type());
+  TORCH_CHECK(!upper || dx == dy, "upper: a mirrored self-moment must be square, got ", raw.sizes());
   check_vec(r_x, dx, "r_x");
   check_vec(r_y, dy, "r_y");
   check_vec(d_x, dx, "d_x");
@@ -51,8 +53,10 @@ void cka_comoment_merge_cpu(const at::Tensor& acc, const at::Tensor& raw, const 
       for (int64_t i = lo; i < hi; ++i) {
         double* ai = a + i * dy;
         const scalar_t* bi = b + i * dy;
-        for (int64_t j = 0; j < dy; ++j)
-          ai[j] = cka::chan_comoment(ai[j], static_cast<double>(bi[j]), rx[i], ry[j], n_b, ddx[i], ddy[j], w);
+        for (int64_t j = 0; j < dy; ++j) {
+          const scalar_t v = (upper && j < i) ? b[j * dy + i] : bi[j];  // lower triangle: mirror of upper
+          ai[j] = cka::chan_comoment(ai[j], static_cast<double>(v), rx[i], ry[j], n_b, ddx[i], ddy[j], w);
+        }
       }
     });
   });

@@ -14,9 +14,10 @@ KERNELS = {"linear": 0, "rbf": 1}
 
 
 def comoment_merge_(acc: torch.Tensor, raw: torch.Tensor, r_x: torch.Tensor, r_y: torch.Tensor, n_b: float,
-                    d_x: torch.Tensor, d_y: torch.Tensor, w: float) -> None:
-    """acc += (raw - n_b r_x r_y^T) + w d_x d_y^T, in float64 (Chan's parallel co-moment merge)."""
-    _ops.cka_comoment_merge_.default(acc, raw, r_x, r_y, float(n_b), d_x, d_y, float(w))
+                    d_x: torch.Tensor, d_y: torch.Tensor, w: float, upper: bool = False) -> None:
+    """acc += (raw - n_b r_x r_y^T) + w d_x d_y^T, in float64 (Chan's parallel co-moment merge).
+    upper=True: raw is symmetric and only its upper triangle holds values (the lower one is read mirrored)."""
+    _ops.cka_comoment_merge_.default(acc, raw, r_x, r_y, float(n_b), d_x, d_y, float(w), bool(upper))
 
 
 def ucentre(gram: torch.Tensor) -> torch.Tensor:
@@ -44,5 +45,5 @@ def _stats_fake(x, y, kernel, gamma_x, gamma_y, tile):
 
 
 @torch.library.register_fake("sdft_kernels::cka_comoment_merge_")
-def _merge_fake(acc, raw, r_x, r_y, n_b, d_x, d_y, w):
+def _merge_fake(acc, raw, r_x, r_y, n_b, d_x, d_y, w, upper=False):
     return None
