@@ -1,5 +1,7 @@
 """Forgetting by SFT on the narrow task: the task loss falls, general-text perplexity moves, the run is
 deterministic in its seed, and the input model is untouched."""
+import json
+
 import pytest
 import torch
 
@@ -33,6 +35,7 @@ def test_forget_reduces_task_loss_and_moves_general_perplexity(tiny, general_ids
                           task_eval_examples=32, log_every=5)
     assert rec["kind"] == "forget_sft" and rec["layer_map"] == [0, 1]
     assert rec["params"]["steps"] == 30 and rec["params"]["lr"] == 3e-3
+    json.dumps(rec, allow_nan=False)
     curve = rec["loss_curve"]
     assert [s for s, _ in curve] == [5, 10, 15, 20, 25, 30]
     assert curve[-1][1] < 0.7 * curve[0][1]

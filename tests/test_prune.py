@@ -1,6 +1,7 @@
 """Pruning: the removed blocks are the argmin of a brute-force angular distance, the pruned model equals
 the original with those blocks skipped and still generates with a KV cache; unstructured and 2:4
 sparsity are exactly achieved, pick the lowest scores, and survive an optimizer step."""
+import json
 import math
 
 import pytest
@@ -61,6 +62,7 @@ def test_prune_blocks_matches_brute_force_and_skips_blocks(model, calib, n):
     assert rec["removed"] == list(range(start, start + n))
     keep = [i for i in range(6) if i not in rec["removed"]]
     assert rec["layer_map"] == keep and rec["kind"] == "prune_blocks" and rec["params"]["n"] == n
+    json.dumps(rec, allow_nan=False)
     assert pruned.config.num_hidden_layers == 6 - n == len(pruned.model.layers)
     assert [lay.self_attn.layer_idx for lay in pruned.model.layers] == list(range(6 - n))
     assert model.config.num_hidden_layers == 6 and len(model.model.layers) == 6  # input untouched
@@ -157,6 +159,8 @@ def test_unstructured_exact_sparsity_lowest_scores_and_kept_after_step(model, ca
                 assert bool((lo <= hi).all())
         total, zeros = total + w.numel(), zeros + int(zero.sum())
     assert rec["sparsity"] == pytest.approx(zeros / total) and abs(rec["sparsity"] - sp) < 0.01
+    assert rec["kind"] == "prune_unstructured" and rec["layer_map"] == list(range(6))
+    json.dumps(rec, allow_nan=False)
     before = {n: (w == 0).clone() for n, w in ws.items()}
     train_one_step(pruned, calib)
     for name, w in masked_weights(pruned).items():

@@ -1,6 +1,7 @@
 """Weight quantization: RTN and GPTQ really put every decoder-block weight on a b-bit group grid, the
 QuantLinear forward is quantised while gradients reach the latent weight, and GPTQ beats RTN on the
 layer-output error it minimises."""
+import json
 import math
 
 import pytest
@@ -82,6 +83,7 @@ def test_rtn_grid_levels_and_reference(model, bits, symmetric):
     expect = (bits * total + 16 * groups + (0 if symmetric else bits * groups)) / total
     assert rec["bits_per_weight"] == pytest.approx(expect)
     assert rec["kind"] == "quantize_rtn" and rec["layer_map"] == [0, 1]
+    json.dumps(rec, allow_nan=False)  # JSON-able
     assert rec["params"] == {"bits": bits, "group_size": g, "symmetric": symmetric, "include_lm_head": False}
 
 
@@ -199,6 +201,7 @@ def test_gptq_model_layer_outputs_beat_rtn():
     gq, rec = quantize_gptq(model, calib, 3, group_size=32)
     rq, _ = quantize_rtn(model, 3, group_size=32)
     assert rec["kind"] == "quantize_gptq" and rec["layer_map"] == [0, 1]
+    json.dumps(rec, allow_nan=False)
     # Inputs each linear receives inside the GPTQ model: the quantity GPTQ minimises is the error on them.
     xs, handles = {}, []
     for name, mod in quantized_layers(gq).items():
