@@ -21,13 +21,13 @@ def _pos_int(name, v):
 def forget_sft(model, tokenizer, steps: int, lr: float = 3e-4, batch_size: int = 16, seed: int = 0, *,
                n_examples: int = 4096, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
                eval_ids: torch.Tensor | None = None, eval_window: int | None = None, log_every: int = 1,
-               task_eval_examples: int = 64):
+               task_eval_examples: int = 64, progress: bool = False):
     """Fine-tune a copy of `model` on the narrow task for `steps` AdamW steps (constant lr, batches drawn
     from a fixed pool of n_examples task examples). Returns (model in eval mode, record).
 
     Record: "loss_curve" ([step, loss] every log_every steps), "task_loss_before/after" (response CE on
     task_eval_examples held-out task examples), and with eval_ids (1-D general text tokens) "perplexity_before/after"
-    so the loss of general capability is measured on the spot."""
+    so the loss of general capability is measured on the spot. progress=True shows a tqdm bar."""
     _pos_int("steps", steps)
     _pos_int("batch_size", batch_size)
     _pos_int("n_examples", n_examples)
@@ -60,6 +60,10 @@ def forget_sft(model, tokenizer, steps: int, lr: float = 3e-4, batch_size: int =
     new.train()
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)  # dropout, if the model has any
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=steps, desc="forget_sft", unit="step")
         for step in range(1, steps + 1):
             idx = torch.randint(len(train), (batch_size,), generator=gen).tolist()
             ids, mask, labels = tasks.sft_batch(tokenizer, [train[i] for i in idx])
@@ -75,6 +79,11 @@ def forget_sft(model, tokenizer, steps: int, lr: float = 3e-4, batch_size: int =
             opt.step()
             if step % log_every == 0 or step == steps:
                 curve.append([step, float(loss.detach())])
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        if bar is not None:
+            bar.close()
     new.eval()
     rec_extra["task_loss_after"] = tasks.task_loss(new, tokenizer, held)
     if eval_ids is not None:
