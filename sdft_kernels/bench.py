@@ -29,6 +29,8 @@ def configure(parser):
                         help="comma-separated providers to run (e.g. ours,naive); default: all")
     parser.add_argument("--kernels", default=None,
                         help="comma-separated kernels to run (e.g. distill_loss,kernel_hsic); default: all")
+    parser.add_argument("--match", default=None,
+                        help="only cases whose sizes contain every comma-separated piece (e.g. n=65536)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
 
 
@@ -70,6 +72,8 @@ def main(args) -> int:
         want_k = set(args.kernels.split(",")) if args.kernels else None
         for case in mod.cases(device, args.quick):
             if (want_p and case.provider not in want_p) or (want_k and case.kernel not in want_k):
+                continue
+            if args.match and not all(m in case.sizes_str.split(",") for m in args.match.split(",")):
                 continue
             by_kernel.setdefault(case.kernel, []).append(case)
         for kernel, cases in by_kernel.items():
