@@ -13,27 +13,41 @@ import time
 import torch
 
 
-@torch.no_grad()
-def sliding_window_ppl(model, ids: torch.Tensor, window: int = 256, stride: int = 128) -> float:
-    """Token-level perplexity over ids[1:]: each token is scored once, with up to `window` tokens of
-    context; windows advance by `stride` and only their last `stride` tokens are newly scored."""
-    model.eval()
-    nll, count, start = 0.0, 0, 0
-    n = ids.numel()
+def _windows(n: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """(start, newly scored targets) of each window over a sequence of n tokens; windows all have
+    length min(window, n), advance by `stride`, and the last one ends at n."""
+    w = min(window, n)
+    out, prev_end, end = [], 1, w
     while True:
-        end = min(start + window, n)
-        chunk = ids[start:end][None]
-        logits = model(input_ids=chunk).logits[0, :-1].float()
-        targets = chunk[0, 1:]
-        losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-        new = losses if start == 0 else losses[-(end - prev_end):]
-        nll += float(new.sum())
-        count += new.numel()
-        prev_end = end
+        out.append((end - w, end - prev_end))
         if end == n:
-            break
-        start += stride
-    assert count == n - 1
+            return out
+        prev_end, end = end, min(end + stride, n)
+
+
+@torch.no_grad()
+def sliding_window_ppl(model, seqs, window: int = 256, stride: int = 128, batch: int = 16) -> float:
+    """Token-level perplexity over every token but the first of each sequence in `seqs` (1-D tensors):
+    each token is scored once, with up to `window` tokens of context; windows advance by `stride` and
+    only their newly reached tokens are scored. Windows of equal length are batched."""
+    model.eval()
+    if isinstance(seqs, torch.Tensor) and seqs.ndim == 1:
+        seqs = [seqs]
+    by_len: dict[int, list] = {}
+    for seq in seqs:
+        for st, new in _windows(seq.numel(), window, stride):
+            by_len.setdefault(min(window, seq.numel()), []).append((seq, st, new))
+    nll, count = 0.0, 0
+    for length, jobs in by_len.items():
+        for i in range(0, len(jobs), batch):
+            group = jobs[i:i + batch]
+            x = torch.stack([seq[st:st + length] for seq, st, _ in group])
+            logits = model(input_ids=x).logits[:, :-1].float()
+            losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+            for row, (_, _, new) in zip(losses, group):
+                nll += float(row[-new:].sum())
+                count += new
+    assert count == sum(seq.numel() - 1 for seq in seqs)
     return math.exp(nll / count)
 
 
@@ -61,7 +75,7 @@ def rtn_quantized_copy(model, bits: int, group_size: int):
 def angular_distances(model, ids: torch.Tensor, n: int, window: int = 256) -> list[float]:
     """Mean angular distance arccos(cos(h_l, h_{l+n}))/pi over tokens, for every start layer l."""
     model.eval()
-    blocks = ids[: (ids.numel() // window) * window].view(-1, window)[:16]
+    blocks = ids[: (ids.numel() // window) * window].view(-1, window)[:8]
     hs = model(input_ids=blocks, output_hidden_states=True).hidden_states
     out = []
     for l in range(len(hs) - n):
@@ -80,32 +94,41 @@ def drop_blocks_copy(model, start: int, n: int):
     return q
 
 
+def heldout_segments(ids: torch.Tensor, n_segments: int, seg_len: int) -> list[torch.Tensor]:
+    """`n_segments` evenly spaced slices of `seg_len` tokens, so a small evaluation budget covers all
+    held-out modules instead of the first one only."""
+    if ids.numel() < n_segments * seg_len:
+        raise ValueError(f"held-out text has {ids.numel()} tokens, fewer than {n_segments} x {seg_len}")
+    step = ids.numel() // n_segments
+    return [ids[k * step:k * step + seg_len] for k in range(n_segments)]
+
+
 def evaluate_all(model, tokenizer, train_stream, splits, args, log) -> dict:
     from sdft_kernels.data import ngram_baselines
 
     t0 = time.time()
-    held = torch.tensor(tokenizer.backend_tokenizer.encode(splits["heldout"], add_special_tokens=False).ids)
-    held = held[: args.eval_tokens]
+    ids = torch.tensor(tokenizer.backend_tokenizer.encode(splits["heldout"], add_special_tokens=False).ids)
+    seg_len = 1024
+    segs = heldout_segments(ids, max(1, args.eval_tokens // seg_len), seg_len)
     cal = torch.tensor(tokenizer.backend_tokenizer.encode(splits["calibration"], add_special_tokens=False).ids)
     window, stride = args.seq_len, args.seq_len // 2
-    res = {"heldout_tokens": held.numel(), "window": window, "stride": stride}
-    res["heldout_ppl"] = sliding_window_ppl(model, held, window, stride)
-    log(f"held-out ppl {res['heldout_ppl']:.3f} on {held.numel()} tokens")
-    res["baselines"] = ngram_baselines(train_stream.long().numpy(), held.numpy(), len(tokenizer))
+    res = {"heldout_tokens_scored": sum(s.numel() - 1 for s in segs), "heldout_segments": len(segs),
+           "segment_len": seg_len, "window": window, "stride": stride}
+    res["heldout_ppl"] = sliding_window_ppl(model, segs, window, stride)
+    log(f"held-out ppl {res['heldout_ppl']:.3f} on {res['heldout_tokens_scored']} tokens")
+    res["baselines"] = ngram_baselines(train_stream.long().numpy(), torch.stack(segs).numpy(), len(tokenizer))
     log(f"baselines {res['baselines']}")
-    # Training-set perplexity on a same-sized slice, to show the generalisation gap.
-    res["train_slice_ppl"] = sliding_window_ppl(model, train_stream[: held.numel()].long(), window, stride)
     degr = {}
-    for bits, group in ((2, 64), (3, 64), (4, 128)):
+    for bits, group in ((2, 64), (4, 128)):
         qm = rtn_quantized_copy(model, bits, group)
-        degr[f"rtn_{bits}bit_g{group}"] = sliding_window_ppl(qm, held, window, stride)
+        degr[f"rtn_{bits}bit_g{group}"] = sliding_window_ppl(qm, segs, window, stride)
         log(f"RTN {bits}-bit g{group}: ppl {degr[f'rtn_{bits}bit_g{group}']:.3f}")
         del qm
     dist = angular_distances(model, cal, 2, window)
     start = min(range(len(dist)), key=dist.__getitem__)
     pm = drop_blocks_copy(model, start, 2)
     degr["drop_2_blocks"] = {"removed": [start, start + 1], "angular_distances": dist,
-                             "ppl": sliding_window_ppl(pm, held, window, stride)}
+                             "ppl": sliding_window_ppl(pm, segs, window, stride)}
     log(f"drop blocks {start},{start + 1}: ppl {degr['drop_2_blocks']['ppl']:.3f}")
     res["degradation"] = degr
     res["eval_seconds"] = round(time.time() - t0, 1)

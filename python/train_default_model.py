@@ -9,7 +9,7 @@ Recipe (all steps are deterministic given the Python version of the interpreter 
   4. Save with save_pretrained (safetensors) and write training_record.json with held-out perplexity,
      unigram / bigram baselines and degradation sanity checks (python/default_model_eval.py).
 
-Rebuild:  python python/train_default_model.py   (defaults = the shipped model; 60 min budget)
+Rebuild:  python python/train_default_model.py   (the shipped model: --total-steps 1000, 75 min budget)
 Smoke:    python python/train_default_model.py --tiny --max-minutes 1 --out /tmp/dm --data-out /tmp/dd
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--data-out", type=Path, default=REPO / "sdft_kernels/assets/data")
     p.add_argument("--work-dir", type=Path, default=REPO / "build/default_model_work",
                    help="tokenizer cache, token cache and resumable checkpoint")
-    p.add_argument("--max-minutes", type=float, default=60.0, help="wall-time budget of the training loop")
+    p.add_argument("--max-minutes", type=float, default=75.0, help="wall-time budget of the training loop")
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--layers", type=int, default=6)
@@ -55,7 +55,7 @@ def parse_args(argv=None):
                    help="torch threads; on a shared, oversubscribed CPU one thread was 4x faster than two")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (slower without AVX512-BF16/AMX)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-tokens", type=int, default=20000, help="held-out tokens used for perplexity")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens used for perplexity")
     p.add_argument("--tiny", action="store_true", help="2 layers, hidden 64, vocab 512: smoke test")
     p.add_argument("--skip-eval", action="store_true")
     args = p.parse_args(argv)
@@ -172,6 +172,10 @@ def train(args, model, stream, ckpt_path: Path, log) -> dict:
         opt.load_state_dict(ck["opt"])
         state = ck["state"]
         log(f"resumed from {ckpt_path} at step {state['step']} ({state['elapsed']:.0f} s done)")
+        if args.total_steps is not None and args.total_steps != state["total_steps"]:
+            # an explicit horizon wins over the stored one (used to extend a run that is under way)
+            log(f"cosine horizon changed from {state['total_steps']} to {args.total_steps} steps")
+            state["total_steps"] = args.total_steps
     budget = args.max_minutes * 60.0
     model.train()
     t_start, t_ckpt = time.time() - state["elapsed"], time.time()

@@ -78,15 +78,19 @@ def token_blocks(tokenizer, text: str, block_len: int, max_blocks: int | None = 
 def ngram_baselines(train_ids, eval_ids, vocab_size: int, discount: float = 0.75) -> dict:
     """Perplexities of count-based baselines fit on `train_ids`, scored on eval_ids[1:].
 
-    The same tokens a causal LM predicts on eval_ids (every token but the first) are scored, so the
-    numbers compare directly with the model's token-level perplexity. Returns "unigram_add1",
+    The same tokens a causal LM predicts on eval_ids (every token but the first; with a 2-D eval_ids
+    [n, L], every token but the first of each row) are scored, so the numbers compare directly with the
+    model's token-level perplexity. Returns "unigram_add1",
     "bigram_add1" and "bigram_kn" (interpolated Kneser-Ney bigram with an add-one continuation
     distribution so no probability is zero).
     """
     t = np.asarray(train_ids, dtype=np.int64).ravel()
-    e = np.asarray(eval_ids, dtype=np.int64).ravel()
-    if t.size < 2 or e.size < 2:
-        raise ValueError(f"need at least 2 train and 2 eval tokens, got {t.size} and {e.size}")
+    e = np.asarray(eval_ids, dtype=np.int64)
+    if e.ndim not in (1, 2):
+        raise ValueError(f"eval_ids must be 1-D or 2-D [n, L], got shape {e.shape}")
+    e2 = e.reshape(1, -1) if e.ndim == 1 else e
+    if t.size < 2 or e2.shape[1] < 2:
+        raise ValueError(f"need at least 2 train and 2 eval tokens per row, got {t.size} and {e2.shape[1]}")
     if min(t.min(), e.min()) < 0 or max(t.max(), e.max()) >= vocab_size:
         raise ValueError(f"token ids must lie in [0, vocab_size={vocab_size})")
     V = vocab_size
@@ -98,7 +102,7 @@ def ngram_baselines(train_ids, eval_ids, vocab_size: int, discount: float = 0.75
     types_before = np.bincount(nxt, minlength=V).astype(np.float64)  # N1+(., w)
     p_cont = (types_before + 1.0) / (keys.size + V)
 
-    v, w = e[:-1], e[1:]
+    v, w = e2[:, :-1].ravel(), e2[:, 1:].ravel()
     q = v * V + w
     pos = np.minimum(np.searchsorted(keys, q), keys.size - 1)
     c_vw = np.where(keys[pos] == q, counts[pos], 0).astype(np.float64)

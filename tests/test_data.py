@@ -110,3 +110,16 @@ def test_ngram_baselines_learn_structure_and_reject_bad_ids():
         data.ngram_baselines([0, 1, 12], [0, 1], 10)
     with pytest.raises(ValueError, match="at least 2"):
         data.ngram_baselines([0], [0, 1], 10)
+
+
+def test_ngram_baselines_2d_rows_score_each_row_separately():
+    rng = np.random.default_rng(1)
+    train = rng.integers(0, 9, 300)
+    rows = rng.integers(0, 9, (3, 20))
+    both = data.ngram_baselines(train, rows, 9)
+    assert both["eval_tokens"] == 3 * 19
+    for key in ("unigram_add1", "bigram_add1", "bigram_kn"):
+        per_row = [np.log(data.ngram_baselines(train, r, 9)[key]) for r in rows]
+        assert np.log(both[key]) == pytest.approx(np.mean(per_row), rel=1e-12)
+    with pytest.raises(ValueError, match="eval_ids"):
+        data.ngram_baselines(train, rows[None], 9)
