@@ -334,6 +334,11 @@ class LinearCKA:
             out.append(xy / torch.sqrt(xx * yy) if (xx * yy) > 0 else xy * float("nan"))
         return torch.stack(out).cpu()
 
+    def results(self) -> list:
+        """Per pair: {"student": i, "teacher": j, "cka": float, "tokens": int} (JSON-able)."""
+        vals = self.compute().tolist()
+        return [{"student": i, "teacher": j, "cka": v, "tokens": self.tokens} for (i, j), v in zip(self.pairs, vals)]
+
     # ---- exact merging across objects and processes
     def state_dict(self) -> dict:
         return {"pairs": self.pairs, "widths": self.widths, "debiased": self.debiased,

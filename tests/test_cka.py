@@ -36,6 +36,8 @@ def test_linear_all_pairs_matches_reference(debiased):
     ref = np.array([[f(x, y) for y in ys] for x in xs]).reshape(-1)
     np.testing.assert_allclose(m.compute().numpy(), ref, rtol=0, atol=1e-12)
     assert m.pairs == [(i, j) for i in range(3) for j in range(3)] and m.tokens == 120
+    res = m.results()
+    assert res[5] == {"student": 1, "teacher": 2, "cka": pytest.approx(ref[5], abs=1e-12), "tokens": 120}
 
 
 def test_linear_explicit_pairs_and_fp32():
