@@ -161,8 +161,11 @@ def _remarks(metrics: dict, results: list[dict]) -> list[str]:
                        f"{row['sdft_steps']} steps.")
         else:
             out.append(f"- {row['spec']}: SDFT recovered {100 * rp:.0f}% of the lost perplexity.")
-        if row["cka_after"] < row["cka_before"]:
-            out.append(f"  CKA went down ({row['cka_before']:.3f} -> {row['cka_after']:.3f}) although training "
+        if row["kl_after"] >= row["kl_before"]:
+            out.append(f"  SDFT did not reduce the held-out KL to the teacher ({row['kl_before']:.4f} -> "
+                       f"{row['kl_after']:.4f}): more steps or a lower learning rate are needed.")
+        elif row["cka_after"] < row["cka_before"]:
+            out.append(f"  CKA went down ({row['cka_before']:.3f} -> {row['cka_after']:.3f}) although SDFT "
                        "reduced the KL: the alignment did not follow the recovery here.")
         ra = row["recovery_acc"]
         if row["family"] == "forgetting" and row["acc_degraded"] > row["acc_original"]:

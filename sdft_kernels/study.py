@@ -28,23 +28,25 @@ class StudyConfig:
     model: str | None = None          # None: the embedded default model
     specs: tuple = DEFAULT_SPECS
     block_len: int = 256              # training / evaluation window
-    eval_tokens: int = 16384          # held-out tokens for perplexity
-    task_examples: int = 48           # narrow-task examples for accuracy
-    align_blocks: int = 2             # held-out blocks for alignment
+    eval_tokens: int = 8192           # held-out tokens for perplexity
+    task_examples: int = 32           # narrow-task examples for accuracy
+    align_blocks: int = 1             # held-out blocks for alignment
     align_block_len: int | None = None  # None: min(model context, 2048)
-    align_chunk: int = 512            # stream each alignment block through the KV cache in chunks
-    calib_blocks: int = 16
+    # KV-cache chunking bounds activation memory for very long blocks, but on CPU a chunked forward
+    # is ~3x slower (masked attention), so whole blocks unless set
+    align_chunk: int | None = None
+    calib_blocks: int = 8
     train_blocks: int = 512
     recover: RecoverConfig = field(default_factory=lambda: RecoverConfig(
-        steps=40, batch_size=4, lr=3e-4, warmup_steps=4, checkpoint_every=10, align_blocks=1))
+        steps=30, batch_size=4, lr=3e-4, warmup_steps=3, checkpoint_every=10, align_blocks=1))
     seed: int = 0
     quick: bool = False
 
     @classmethod
     def quick_config(cls, model=None) -> "StudyConfig":
-        return cls(model=model, specs=QUICK_SPECS, block_len=64, eval_tokens=512, task_examples=4,
-                   align_blocks=1, align_block_len=128, align_chunk=64, calib_blocks=4, train_blocks=16,
-                   recover=RecoverConfig(steps=4, batch_size=2, lr=1e-3, checkpoint_every=2, align_blocks=1),
+        return cls(model=model, specs=QUICK_SPECS, block_len=64, eval_tokens=256, task_examples=2,
+                   align_blocks=1, align_block_len=128, align_chunk=None, calib_blocks=4, train_blocks=16,
+                   recover=RecoverConfig(steps=3, batch_size=2, lr=1e-3, checkpoint_every=2, align_blocks=1),
                    quick=True)
 
     def to_dict(self) -> dict:

@@ -132,3 +132,29 @@ def test_bad_inputs_fail_before_training(setup):
         recover(teacher, other, train, RecoverConfig(steps=1), progress=False)
     with pytest.raises(ValueError, match="teacher object"):
         recover(teacher, teacher, train, RecoverConfig(steps=1), progress=False)
+
+
+def test_selfdata_filter_keeps_only_consistent_rewrites():
+    from sdft_kernels import tasks
+    from sdft_kernels.selfdata import consistency_filter
+    exs = tasks.make_examples(3, seed=0)
+    rewrites = [f"Sorted: {exs[0].answer}.",                             # no "The answer is" -> original
+                f"The answer is {exs[1].answer}.",                   # consistent -> kept
+                "The answer is 9 9 9 9 9 9 9."]                       # wrong answer -> original kept
+    responses, kept = consistency_filter(exs, rewrites)
+    assert kept == [False, True, False]
+    assert responses[1] == rewrites[1]
+    assert responses[0] == tasks.format_response(exs[0]) and responses[2] == tasks.format_response(exs[2])
+
+
+def test_selfdata_end_to_end_on_tiny_model(setup):
+    from sdft_kernels import tasks
+    from sdft_kernels.selfdata import SFTConfig, finetune, self_distill
+    teacher, _, _, _, _ = setup
+    _, tok = tiny_random_model(num_layers=2, hidden_size=32, seed=0)
+    exs = tasks.make_examples(4, seed=0)
+    responses, stats = self_distill(teacher, tok, exs, max_new_tokens=8)
+    assert stats["total"] == 4 and 0.0 <= stats["kept_fraction"] <= 1.0
+    student = copy.deepcopy(teacher)
+    losses = finetune(student, tok, exs, responses, SFTConfig(steps=4, batch_size=4, lr=3e-3))
+    assert losses[-1] < losses[0]

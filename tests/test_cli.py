@@ -1,0 +1,100 @@
+"""The study CLI end to end on a tiny random model directory, resumability, and clear errors on bad
+input before any long work."""
+import json
+
+import pytest
+import torch
+
+from sdft_kernels.cli import main
+from sdft_kernels.io import read_json, save_model_dir
+from sdft_kernels.models import tiny_random_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    model, tok = tiny_random_model(num_layers=2, hidden_size=32, seed=0)
+    save_model_dir(model, tok, d)
+    return d
+
+
+def test_run_quick_end_to_end_and_resume(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert main(["run", "--quick", "--model", str(tiny_dir), "--out", str(out), "--no-progress",
+                 "--specs", "rtn:2", "blocks:1"]) == 0
+    for f in ("config.json", "metrics.json", "metrics.csv", "report.md", "cka_per_layer.png",
+              "cka_trajectory.png", "heatmap_rtn-2.png"):
+        assert (out / f).is_file(), f
+    m = read_json(out / "metrics.json")
+    assert [r["run"] for r in m["runs"]] == ["rtn-2", "blocks-1"]
+    assert m["teacher"]["self_cka"] == pytest.approx([1.0, 1.0], abs=1e-6)
+    blocks = read_json(out / "units" / "blocks-1" / "result.json")
+    assert len(blocks["before"]["align"]["cka"]) == 1 and blocks["structure_kept"]["decoder_layers"] == 1
+    assert read_json(out / "units" / "rtn-2" / "result.json")["structure_kept"]["quant_layers"] > 0
+    report = (out / "report.md").read_text()
+    assert "## Quantization" in report and "## Block removal" in report
+    # rerun: every unit is reused, nothing recomputed (result files untouched)
+    stamp = (out / "units" / "rtn-2" / "result.json").stat().st_mtime_ns
+    assert main(["run", "--quick", "--model", str(tiny_dir), "--out", str(out), "--no-progress",
+                 "--specs", "rtn:2", "blocks:1"]) == 0
+    assert (out / "units" / "rtn-2" / "result.json").stat().st_mtime_ns == stamp
+
+
+def test_degrade_align_eval_recover_commands(tiny_dir, tmp_path, capsys):
+    deg = tmp_path / "deg"
+    assert main(["degrade", "--model", str(tiny_dir), "--spec", "rtn:3:g16", "--out", str(deg),
+                 "--block-len", "32", "--calib-blocks", "2"]) == 0
+    assert read_json(deg / "degradation.json")["params"]["bits"] == 3
+    capsys.readouterr()
+    assert main(["align", "--teacher", str(tiny_dir), "--student", str(deg), "--block-len", "48",
+                 "--blocks", "1", "--out", str(tmp_path / "a.json")]) == 0
+    a = read_json(tmp_path / "a.json")
+    assert len(a["cka"]) == 2 and 0 < a["mean_cka"] <= 1 + 1e-9
+    assert main(["eval", "--model", str(deg), "--tokens", "96", "--window", "32", "--stride", "32",
+                 "--task-examples", "2", "--out", str(tmp_path / "e.json")]) == 0
+    assert read_json(tmp_path / "e.json")["perplexity"] > 1
+    rec = tmp_path / "rec"
+    assert main(["recover", "--teacher", str(tiny_dir), "--student", str(deg), "--out", str(rec),
+                 "--steps", "2", "--batch-size", "2", "--block-len", "32", "--max-blocks", "8",
+                 "--checkpoint-every", "1"]) == 0
+    s = read_json(rec / "summary.json")
+    assert s["steps"] == 2 and (rec / "model" / "sdft_state.pt").is_file()
+    assert len((rec / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["degrade", "--spec", "rtn:5", "--out", "X"], "bits must be one of"),
+    (["degrade", "--spec", "wanda:1.5", "--out", "X"], "sparsity must be in"),
+    (["degrade", "--spec", "blocks:0", "--out", "X"], "positive integer"),
+    (["degrade", "--spec", "blur:3", "--out", "X"], "unknown kind"),
+    (["run", "--specs", "rtn:3:g0"], "unknown option"),
+])
+def test_bad_severity_is_a_clear_error(argv, msg, capsys):
+    assert main(argv) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_bad_model_and_text(tiny_dir, tmp_path, capsys):
+    not_lm = tmp_path / "not_lm"
+    not_lm.mkdir()
+    (not_lm / "notes.txt").write_text("hello")
+    assert main(["eval", "--model", str(not_lm)]) == 2
+    assert str(not_lm) in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert main(["eval", "--model", str(tiny_dir), "--text", str(empty)]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert main(["degrade", "--model", str(tiny_dir), "--spec", "blocks:2", "--out", str(tmp_path / "x")]) == 2
+    assert "at most 1" in capsys.readouterr().err
+
+
+def test_tokenizer_mismatch_and_unmappable_layers(tiny_dir, tmp_path, capsys):
+    other, tok = tiny_random_model(num_layers=3, hidden_size=32, seed=1)
+    save_model_dir(other, tok, tmp_path / "three")  # 3 layers, no record: cannot map onto 2
+    assert main(["align", "--teacher", str(tiny_dir), "--student", str(tmp_path / "three")]) == 2
+    assert "layer_map" in capsys.readouterr().err
+    small, tok = tiny_random_model(num_layers=2, hidden_size=32, seed=2)
+    small.resize_token_embeddings(200)
+    save_model_dir(small, tok, tmp_path / "vocab")
+    assert main(["align", "--teacher", str(tiny_dir), "--student", str(tmp_path / "vocab")]) == 2
+    assert "vocabulary" in capsys.readouterr().err
