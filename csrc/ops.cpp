@@ -20,8 +20,9 @@ TORCH_LIBRARY(sdft_kernels, m) {
   // (loss [N] float32 (float64 for float64 logits), grad [N, V] in the logits' dtype, or [0, 0] when
   // compute_grad is false). Python API: sdft_kernels.distill_loss / distill_loss_topk /
   // fused_linear_distill_loss (sdft_kernels/ops/distill.py, ops/fused_linear.py).
-  m.def("distill_dense(Tensor student_logits, Tensor teacher_logits, Tensor valid, int divergence, "
-        "float beta, float temperature, bool compute_grad) -> (Tensor, Tensor)");
+  // row_weight: None or [N] (loss dtype), multiplies row r's gradient (not its loss): the reduction's weight.
+  m.def("distill_dense(Tensor student_logits, Tensor teacher_logits, Tensor valid, Tensor? row_weight, "
+        "int divergence, float beta, float temperature, bool compute_grad) -> (Tensor, Tensor)");
   // Top-k teacher: teacher_topk_logprobs [N, k] (float32, float64 for float64 logits) and
   // teacher_topk_indices [N, k] (int64); the teacher's missing mass is one tail bucket.
   m.def("distill_topk(Tensor student_logits, Tensor teacher_topk_logprobs, Tensor teacher_topk_indices, "

@@ -142,6 +142,16 @@ def test_teacher_gets_no_gradient_and_eval_mode():
         assert torch.allclose(distill_loss(s, t), distill_loss_ref(s, t), atol=1e-6)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "batchmean"])
+def test_upstream_gradient_not_one(reduction):
+    s, t = _inputs((5, 30))
+    x = s.clone().requires_grad_()
+    (distill_loss(x, t, reduction=reduction, divergence="reverse_kl") * 3.5).backward()
+    x64 = s.double().requires_grad_()
+    (distill_loss_ref(x64, t.double(), reduction=reduction, divergence="reverse_kl") * 3.5).backward()
+    assert torch.allclose(x.grad.double(), x64.grad, atol=1e-6)
+
+
 def test_retain_graph_refused():
     s, t = _inputs((4, 10))
     s.requires_grad_()
@@ -183,9 +193,11 @@ def test_opcheck():
     valid = torch.tensor([True, False, True, True, True, True])
     for div in (0, 1, 2):
         for dtype in (torch.float32, torch.float64, torch.bfloat16):
-            args = (s.to(dtype).requires_grad_(), t.to(dtype), valid, div, 0.3, 1.5, True)
-            torch.library.opcheck(torch.ops.sdft_kernels.distill_dense.default, args,
-                                  test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+            w = torch.rand(6, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+            for rw in (None, w):
+                args = (s.to(dtype).requires_grad_(), t.to(dtype), valid, rw, div, 0.3, 1.5, True)
+                torch.library.opcheck(torch.ops.sdft_kernels.distill_dense.default, args,
+                                      test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 def test_torch_compile_fullgraph():

@@ -27,8 +27,8 @@ namespace {
 
 template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
 C10_ALWAYS_INLINE void dense_rows_body(const RowParams<acc_t>& P, const scalar_t* S, const scalar_t* T,
-                                              const bool* valid, acc_t* loss, scalar_t* G, int64_t r0,
-                                              int64_t r1, acc_t* bq, acc_t* bp, RowError& err) {
+                                              const bool* valid, const acc_t* W, acc_t* loss, scalar_t* G,
+                                              int64_t r0, int64_t r1, acc_t* bq, acc_t* bp, RowError& err) {
   const int64_t V = P.V;
   for (int64_t r = r0; r < r1; ++r) {
     scalar_t* g = GRAD ? G + r * V : nullptr;
@@ -37,27 +37,29 @@ C10_ALWAYS_INLINE void dense_rows_body(const RowParams<acc_t>& P, const scalar_t
       if constexpr (GRAD) std::fill(g, g + V, scalar_t(0));
       continue;
     }
-    const int code = dense_row<DIV, GRAD>(P, S + r * V, T + r * V, g, bq, bp, loss[r]);
+    RowParams<acc_t> Pr = P;
+    if (W != nullptr) Pr.grad_scale = P.inv_tau * W[r];
+    const int code = dense_row<DIV, GRAD>(Pr, S + r * V, T + r * V, g, bq, bp, loss[r]);
     if (code != 0) err.set(r, code);
   }
 }
 
 template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
 __attribute__((target("avx2,fma"))) void dense_rows_avx2(const RowParams<acc_t>& P, const scalar_t* S,
-                                                         const scalar_t* T, const bool* valid, acc_t* loss,
-                                                         scalar_t* G, int64_t r0, int64_t r1, acc_t* bq,
+                                                         const scalar_t* T, const bool* valid, const acc_t* W,
+                                                         acc_t* loss, scalar_t* G, int64_t r0, int64_t r1, acc_t* bq,
                                                          acc_t* bp, RowError& err) {
-  dense_rows_body<DIV, GRAD>(P, S, T, valid, loss, G, r0, r1, bq, bp, err);
+  dense_rows_body<DIV, GRAD>(P, S, T, valid, W, loss, G, r0, r1, bq, bp, err);
 }
 
 template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
 void dense_rows_base(const RowParams<acc_t>& P, const scalar_t* S, const scalar_t* T, const bool* valid,
-                     acc_t* loss, scalar_t* G, int64_t r0, int64_t r1, acc_t* bq, acc_t* bp, RowError& err) {
-  dense_rows_body<DIV, GRAD>(P, S, T, valid, loss, G, r0, r1, bq, bp, err);
+                     const acc_t* W, acc_t* loss, scalar_t* G, int64_t r0, int64_t r1, acc_t* bq, acc_t* bp, RowError& err) {
+  dense_rows_body<DIV, GRAD>(P, S, T, valid, W, loss, G, r0, r1, bq, bp, err);
 }
 
 template <int64_t DIV, bool GRAD, typename scalar_t>
-void run_dense(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid, at::Tensor& loss,
+void run_dense(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid, const at::Tensor* w, at::Tensor& loss,
                at::Tensor& grad, double beta, double temperature) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = s.size(0), V = s.size(1);
@@ -65,6 +67,7 @@ void run_dense(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid
   const scalar_t* S = s.const_data_ptr<scalar_t>();
   const scalar_t* T = t.const_data_ptr<scalar_t>();
   const bool* vd = valid.const_data_ptr<bool>();
+  const acc_t* W = w ? w->const_data_ptr<acc_t>() : nullptr;
   acc_t* L = loss.mutable_data_ptr<acc_t>();
   scalar_t* G = GRAD ? grad.mutable_data_ptr<scalar_t>() : nullptr;
   RowError err;
@@ -72,23 +75,26 @@ void run_dense(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid
   at::parallel_for(0, N, row_grain(V), [&](int64_t r0, int64_t r1) {
     std::vector<acc_t> bq(V), bp(V);  // per-thread scratch rows (float32: exps, q, log m)
     if (avx2)
-      dense_rows_avx2<DIV, GRAD>(P, S, T, vd, L, G, r0, r1, bq.data(), bp.data(), err);
+      dense_rows_avx2<DIV, GRAD>(P, S, T, vd, W, L, G, r0, r1, bq.data(), bp.data(), err);
     else
-      dense_rows_base<DIV, GRAD>(P, S, T, vd, L, G, r0, r1, bq.data(), bp.data(), err);
+      dense_rows_base<DIV, GRAD>(P, S, T, vd, W, L, G, r0, r1, bq.data(), bp.data(), err);
   });
   err.raise("student_logits", "teacher_logits");
 }
 
 }  // namespace
 
-// student_logits, teacher_logits: N x V; valid: N (bool). Returns (loss: N in float32, float64 for
+// student_logits, teacher_logits: N x V; valid: N (bool); row_weight: N (loss dtype) or None, multiplies
+// each row's gradient (the reduction's weight, so that backward can often skip its pass).
+// Returns (loss: N in float32, float64 for
 // float64 inputs; grad: N x V in the logits' dtype, d loss[r] / d student_logits[r], or an empty
 // tensor when compute_grad is false).
 std::tuple<at::Tensor, at::Tensor> distill_dense_cpu(const at::Tensor& student_logits,
                                                      const at::Tensor& teacher_logits, const at::Tensor& valid,
-                                                     int64_t divergence, double beta, double temperature,
+                                                     const std::optional<at::Tensor>& row_weight, int64_t divergence, double beta, double temperature,
                                                      bool compute_grad) {
-  check_dense_inputs(student_logits, teacher_logits, valid, divergence, beta, temperature);
+  check_dense_inputs(student_logits, teacher_logits, valid, row_weight, divergence, beta, temperature);
+  const at::Tensor w = row_weight.has_value() ? row_weight->contiguous() : at::Tensor();
   const at::Tensor s = student_logits.contiguous(), t = teacher_logits.contiguous(), v = valid.contiguous();
   const int64_t N = s.size(0), V = s.size(1);
   at::Tensor loss = at::empty({N}, s.options().dtype(loss_dtype(s.scalar_type())));
@@ -96,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> distill_dense_cpu(const at::Tensor& student_l
   const int64_t div = effective_divergence(divergence, beta);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "distill_dense_cpu", [&] {
     dispatch_div_grad(div, compute_grad, [&](auto DIVC, auto GRADC) {
-      run_dense<decltype(DIVC)::value, decltype(GRADC)::value, scalar_t>(s, t, v, loss, grad, beta, temperature);
+      run_dense<decltype(DIVC)::value, decltype(GRADC)::value, scalar_t>(s, t, v, w.defined() ? &w : nullptr, loss, grad, beta, temperature);
     });
   });
   return {loss, grad};

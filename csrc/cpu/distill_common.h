@@ -32,6 +32,7 @@ RowParams<acc_t> make_params(int64_t V, double beta, double temperature) {
   RowParams<acc_t> P;
   P.V = V;
   P.inv_tau = static_cast<acc_t>(1.0 / temperature);
+  P.grad_scale = P.inv_tau;
   P.beta = static_cast<acc_t>(beta);
   // Only used by JSD with 0 < beta < 1 (the ends are mapped to KL by effective_divergence).
   P.log_beta = static_cast<acc_t>(beta > 0 ? std::log(beta) : 0.0);
@@ -55,7 +56,8 @@ inline void check_valid(const at::Tensor& valid, const at::Tensor& s) {
 }
 
 inline void check_dense_inputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid,
-                               int64_t divergence, double beta, double temperature) {
+                               const std::optional<at::Tensor>& row_weight, int64_t divergence, double beta,
+                               double temperature) {
   check_float(s, "student_logits");
   check_dim(s, 2, "student_logits");
   check_same_device(s, "student_logits", t, "teacher_logits");
@@ -66,6 +68,13 @@ inline void check_dense_inputs(const at::Tensor& s, const at::Tensor& t, const a
   TORCH_CHECK(s.size(1) >= 1, "student_logits: expected a vocabulary of at least 1 entry, got shape ",
               s.sizes());
   check_valid(valid, s);
+  if (row_weight.has_value()) {
+    const auto want = loss_dtype(s.scalar_type());
+    TORCH_CHECK(row_weight->scalar_type() == want && row_weight->dim() == 1 && row_weight->size(0) == s.size(0),
+                "row_weight: expected a ", want, " tensor of shape [", s.size(0), "], got ", row_weight->scalar_type(),
+                " ", row_weight->sizes());
+    check_same_device(s, "student_logits", *row_weight, "row_weight");
+  }
   check_options(divergence, beta, temperature);
 }
 

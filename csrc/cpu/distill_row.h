@@ -20,6 +20,7 @@ template <typename acc_t>
 struct RowParams {
   int64_t V;
   acc_t inv_tau, beta, log_beta, log_1mbeta;
+  acc_t grad_scale;  // multiplies the gradient: 1/T times the row's weight
 };
 
 template <typename acc_t>
@@ -81,7 +82,7 @@ C10_ALWAYS_INLINE void dense_elem_c(const RowParams<acc_t>& P, const scalar_t* z
   if constexpr (DIV == kJSD) Kacc += kt;
   if constexpr (GRAD) {
     if constexpr (DIV == kForwardKL) {
-      g[j] = static_cast<scalar_t>((q - p) * it);
+      g[j] = static_cast<scalar_t>((q - p) * P.grad_scale);
     } else {
       bq[j] = q;
       if constexpr (DIV == kJSD) bp[j] = lm;
@@ -119,7 +120,7 @@ C10_ALWAYS_INLINE int dense_row(const RowParams<acc_t>& P, const scalar_t* z, co
       const acc_t lq = static_cast<acc_t>(z[i]) * it - lzs;
       const acc_t lp = DIV == kReverseKL ? static_cast<acc_t>(t[i]) * it - lzu : acc_t(0);
       const acc_t lm = DIV == kJSD ? bp[i] : acc_t(0);
-      g[i] = static_cast<scalar_t>(divergence_grad<acc_t>(DIV, acc_t(0), bq[i], lp, lq, lm, beta, rs) * it);
+      g[i] = static_cast<scalar_t>(divergence_grad<acc_t>(DIV, acc_t(0), bq[i], lp, lq, lm, beta, rs) * P.grad_scale);
     }
   }
   return 0;

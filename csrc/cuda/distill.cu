@@ -37,6 +37,7 @@ __global__ void __launch_bounds__(kBlock) distill_dense_kernel(
     const scalar_t* __restrict__ S,  // N x V student logits
     const scalar_t* __restrict__ T,  // N x V teacher logits
     const bool* __restrict__ valid,  // N
+    const acc_t* __restrict__ W,     // N row weights of the gradient, or nullptr
     acc_t* __restrict__ loss,        // N
     scalar_t* __restrict__ G,        // N x V gradient (unused unless GRAD)
     Params<acc_t> P) {
@@ -73,6 +74,7 @@ __global__ void __launch_bounds__(kBlock) distill_dense_kernel(
     return;
   }
   const acc_t lzs = ms + ::log(zs), lzu = mu + ::log(zu);
+  const acc_t gs = W ? it * W[row] : it;  // gradient scale: 1/T times the row's weight
   // Pass 2: loss terms (+ forward-KL gradient).
   acc_t L = 0, K = 0;
   for (int64_t j = tid; j < V; j += kBlock) {
@@ -81,7 +83,7 @@ __global__ void __launch_bounds__(kBlock) distill_dense_kernel(
     acc_t kt = 0, lm = 0;
     L += divergence_term<acc_t>(DIV, p, q, lp, lq, P.beta, P.log_beta, P.log_1mbeta, kt, lm);
     K += kt;
-    if (GRAD && DIV == kForwardKL) g[j] = static_cast<scalar_t>((q - p) * it);
+    if (GRAD && DIV == kForwardKL) g[j] = static_cast<scalar_t>((q - p) * gs);
   }
   L = block_sum<kBlock>(L, red);
   if (DIV == kJSD) K = block_sum<kBlock>(K, red);
@@ -94,12 +96,13 @@ __global__ void __launch_bounds__(kBlock) distill_dense_kernel(
     const acc_t q = fast_exp(lq), p = fast_exp(lp);
     acc_t kt = 0, lm = 0;
     if (DIV == kJSD) divergence_term<acc_t>(DIV, p, q, lp, lq, P.beta, P.log_beta, P.log_1mbeta, kt, lm);
-    g[j] = static_cast<scalar_t>(divergence_grad<acc_t>(DIV, p, q, lp, lq, lm, P.beta, rs) * it);
+    g[j] = static_cast<scalar_t>(divergence_grad<acc_t>(DIV, p, q, lp, lq, lm, P.beta, rs) * gs);
   }
 }
 
 template <int64_t DIV, bool GRAD, typename scalar_t>
-void launch_dense(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid, at::Tensor& loss,
+void launch_dense(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid, const at::Tensor& w,
+                  at::Tensor& loss,
                   at::Tensor& grad, double beta, double temperature) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = s.size(0);
@@ -109,7 +112,7 @@ void launch_dense(const at::Tensor& s, const at::Tensor& t, const at::Tensor& va
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(s.device().index()).stream();
   distill_dense_kernel<DIV, GRAD, scalar_t, acc_t><<<static_cast<unsigned>(N), kBlock, 0, stream>>>(
       s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), valid.const_data_ptr<bool>(),
-      loss.mutable_data_ptr<acc_t>(), GRAD ? grad.mutable_data_ptr<scalar_t>() : nullptr, P);
+      w.defined() ? w.const_data_ptr<acc_t>() : nullptr, loss.mutable_data_ptr<acc_t>(), GRAD ? grad.mutable_data_ptr<scalar_t>() : nullptr, P);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -118,20 +121,22 @@ void launch_dense(const at::Tensor& s, const at::Tensor& t, const at::Tensor& va
 // Same contract as distill_dense_cpu (csrc/cpu/distill.cpp).
 std::tuple<at::Tensor, at::Tensor> distill_dense_cuda(const at::Tensor& student_logits,
                                                       const at::Tensor& teacher_logits, const at::Tensor& valid,
-                                                      int64_t divergence, double beta, double temperature,
+                                                      const std::optional<at::Tensor>& row_weight, int64_t divergence, double beta, double temperature,
                                                       bool compute_grad) {
-  sdft::distill::cpu::check_dense_inputs(student_logits, teacher_logits, valid, divergence, beta, temperature);
+  sdft::distill::cpu::check_dense_inputs(student_logits, teacher_logits, valid, row_weight, divergence, beta,
+                                         temperature);
   TORCH_CHECK(student_logits.size(0) < (int64_t(1) << 31), "student_logits: at most 2^31 - 1 rows, got ",
               student_logits.size(0));
   const c10::cuda::CUDAGuard guard(student_logits.device());
   const at::Tensor s = student_logits.contiguous(), t = teacher_logits.contiguous(), v = valid.contiguous();
+  const at::Tensor w = row_weight.has_value() ? row_weight->contiguous() : at::Tensor();
   const int64_t N = s.size(0), V = s.size(1);
   at::Tensor loss = at::empty({N}, s.options().dtype(sdft::distill::cpu::loss_dtype(s.scalar_type())));
   at::Tensor grad = at::empty({compute_grad ? N : 0, compute_grad ? V : 0}, s.options());
   const int64_t div = effective_divergence(divergence, beta);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "distill_dense_cuda", [&] {
     sdft::distill::cpu::dispatch_div_grad(div, compute_grad, [&](auto DIVC, auto GRADC) {
-      launch_dense<decltype(DIVC)::value, decltype(GRADC)::value, scalar_t>(s, t, v, loss, grad, beta,
+      launch_dense<decltype(DIVC)::value, decltype(GRADC)::value, scalar_t>(s, t, v, w, loss, grad, beta,
                                                                             temperature);
     });
   });

@@ -48,6 +48,12 @@ def _setup_context(ctx, inputs, output):
     ctx.used = False
 
 
+def _setup_context_dense(ctx, inputs, output):
+    _, grad = output
+    ctx.save_for_backward(grad, inputs[3])  # inputs[3]: row_weight (or None)
+    ctx.used = False
+
+
 def _check_not_reused(ctx):
     if getattr(ctx, "used", False):
         raise RuntimeError("distill: backward through the same distillation loss twice (retain_graph=True) "
@@ -62,7 +68,20 @@ def _plain_eager(t: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
         return False
     from torch.fx.experimental.proxy_tensor import get_proxy_mode
-    return get_proxy_mode() is None
+    return get_proxy_mode() is None and _private(t)
+
+
+def _private(t: torch.Tensor) -> bool:
+    """True when nobody but autograd holds the op's gradient output (our wrappers drop it): then scaling
+    it in place is invisible. A caller of the raw op that kept the output sees one more storage
+    reference, and gets an out-of-place result instead (also when the count cannot be read)."""
+    try:
+        return torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= _PRIVATE_USE_COUNT
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_PRIVATE_USE_COUNT = 3  # saved variable + unpacked tensor + the autograd graph's own reference
 
 
 def scale_saved_grad(ctx, grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
@@ -81,8 +100,16 @@ def scale_saved_grad(ctx, grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.
 
 def _backward_dense(ctx, grad_loss, _grad_unused):
     _check_not_reused(ctx)
-    (grad,) = ctx.saved_tensors
-    return scale_saved_grad(ctx, grad, grad_loss), None, None, None, None, None, None
+    grad, row_weight = ctx.saved_tensors
+    if row_weight is not None:
+        # The kernel already multiplied row r's gradient by row_weight[r]. With the usual upstream
+        # gradient of 1, grad_loss is exactly row_weight and the buffer is returned as is (no pass).
+        if _plain_eager(grad) and grad.dtype != torch.float64 and torch.equal(grad_loss, row_weight):
+            ctx.used = True
+            return grad, None, None, None, None, None, None, None
+        safe = torch.where(row_weight != 0, row_weight, torch.ones_like(row_weight))
+        grad_loss = torch.where(row_weight != 0, grad_loss / safe, torch.zeros_like(grad_loss))
+    return scale_saved_grad(ctx, grad, grad_loss), None, None, None, None, None, None, None
 
 
 def _backward_topk(ctx, grad_loss, _grad_unused):
@@ -91,7 +118,8 @@ def _backward_topk(ctx, grad_loss, _grad_unused):
     return scale_saved_grad(ctx, grad, grad_loss), None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("sdft_kernels::distill_dense", _backward_dense, setup_context=_setup_context)
+torch.library.register_autograd("sdft_kernels::distill_dense", _backward_dense,
+                                setup_context=_setup_context_dense)
 torch.library.register_autograd("sdft_kernels::distill_topk", _backward_topk, setup_context=_setup_context)
 
 
@@ -148,6 +176,16 @@ def valid_rows(lead, vocab, device, labels, ignore_index, mask) -> torch.Tensor:
     return valid.reshape(-1)
 
 
+def row_weights(valid, reduction, batch, temperature, scale_by_t2, dtype):
+    """Per-row weights w such that the scalar reduction is sum(w * rows)."""
+    w = valid.to(dtype)
+    if reduction == "mean":
+        w = w / valid.sum().clamp_min(1).to(dtype)
+    elif reduction == "batchmean":
+        w = w / max(int(batch), 1)
+    return w * (temperature * temperature) if scale_by_t2 else w
+
+
 def reduce_rows(rows, valid, reduction, batch, temperature, scale_by_t2):
     """rows: per-token losses [...] (0 where not valid); valid: bool [N]."""
     if reduction == "none":
@@ -196,11 +234,16 @@ def distill_loss(student_logits, teacher_logits, *, divergence="forward_kl", bet
     lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     valid = valid_rows(lead, vocab, student_logits.device, labels, ignore_index, mask)
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    batch = student_logits.shape[0] if student_logits.dim() > 1 else 1
+    acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    # Scalar reductions are a weighted sum of the rows; the kernel folds the weights into the gradient.
+    row_w = None if reduction == "none" else row_weights(valid, reduction, batch, temperature, scale_by_t2, acc)
     rows, _ = torch.ops.sdft_kernels.distill_dense(
-        student_logits.reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab), valid,
+        student_logits.reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab), valid, row_w,
         DIVERGENCES[divergence], float(beta), float(temperature), compute_grad)
     _report_bad_rows(rows, "student_logits or teacher_logits")
-    batch = student_logits.shape[0] if student_logits.dim() > 1 else 1
+    if row_w is not None:
+        return (rows * row_w).sum()
     return reduce_rows(rows.reshape(lead), valid, reduction, batch, temperature, scale_by_t2)
 
 

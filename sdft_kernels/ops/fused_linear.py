@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .distill import DIVERGENCES, check_options, valid_rows
+from .distill import DIVERGENCES, check_options, row_weights, valid_rows
 
 __all__ = ["fused_linear_distill_loss", "DEFAULT_CHUNK_BYTES"]
 
@@ -46,12 +46,12 @@ def _chunks(sh, sw, sb, th, tw, tb, valid, row_w, div, beta, tau, vocab, chunk, 
         hs = sh[c0:c1]
         s_logits = torch.nn.functional.linear(hs, sw[:vocab], None if sb is None else sb[:vocab])
         t_logits = torch.nn.functional.linear(th[c0:c1], tw[:vocab], None if tb is None else tb[:vocab])
-        loss, g = torch.ops.sdft_kernels.distill_dense(s_logits, t_logits, valid[c0:c1], div, beta, tau, grad)
+        w = None if row_w is None else row_w[c0:c1]  # the kernel scales each row's gradient by its weight
+        loss, g = torch.ops.sdft_kernels.distill_dense(s_logits, t_logits, valid[c0:c1], w, div, beta, tau, grad)
         rows[c0:c1] = loss
         del s_logits, t_logits
         if not grad:
             continue
-        g.mul_(row_w[c0:c1, None])  # the chunk's gradient buffer is ours: scale in place
         if gh is not None:
             torch.matmul(g, sw[:vocab], out=gh[c0:c1])
         if gw is not None:
@@ -161,14 +161,8 @@ def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, te
     chunk = _chunk_rows(n, vocab, sh.element_size(), chunk_size)
     acc = torch.float64 if sh.dtype == torch.float64 else torch.float32
     # Row weights of the scalar reductions (their gradient is folded into the kernel's output).
-    if reduction == "mean":
-        row_w = valid.to(acc) / valid.sum().clamp_min(1).to(acc)
-    elif reduction == "batchmean":
-        row_w = valid.to(acc) / max(int(student_hidden.shape[0]) if student_hidden.dim() > 1 else 1, 1)
-    else:
-        row_w = valid.to(acc)
-    if scale_by_t2:
-        row_w = row_w * (temperature * temperature)
+    batch = student_hidden.shape[0] if student_hidden.dim() > 1 else 1
+    row_w = row_weights(valid, "sum" if reduction == "none" else reduction, batch, temperature, scale_by_t2, acc)
     per_row = reduction == "none"
     opts = (DIVERGENCES[divergence], float(beta), float(temperature), vocab, chunk, per_row)
     out = _FusedLinearDistill.apply(sh, student_weight, student_bias, th, teacher_weight.detach(),
