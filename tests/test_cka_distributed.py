@@ -41,6 +41,10 @@ def _worker(rank, world, port, out_dir):
         ests = _estimators()
         lo, hi = (0, SPLIT) if rank == 0 else (SPLIT, 200)
         _feed(ests, xs, ys, lo, hi)
+        lonely = LinearCKA("all", debiased=True)  # only rank 0 sees tokens: an empty rank must not matter
+        if rank == 0:
+            _feed([lonely], xs, ys, 0, 200)
+        ests.append(lonely)
         res = [e.all_reduce().compute().reshape(-1).numpy() for e in ests]
         res.append(np.array([ests[0].tokens, ests[2].tokens], dtype=np.float64))
         np.save(os.path.join(out_dir, f"rank{rank}.npy"), np.concatenate(res))
@@ -60,7 +64,9 @@ def test_two_process_gloo_all_reduce_equals_single_process(tmp_path):
     ests = _estimators()
     _feed(ests, xs, ys, 0, SPLIT)  # same minibatch boundaries as the two ranks
     _feed(ests, xs, ys, SPLIT, 200)
-    want = np.concatenate([e.compute().reshape(-1).numpy() for e in ests] + [np.array([200.0, 200.0])])
+    lonely = LinearCKA("all", debiased=True)
+    _feed([lonely], xs, ys, 0, 200)
+    want = np.concatenate([e.compute().reshape(-1).numpy() for e in ests + [lonely]] + [np.array([200.0, 200.0])])
     r0, r1 = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
     np.testing.assert_array_equal(r0, r1)  # every rank ends with the same numbers
     np.testing.assert_allclose(r0, want, rtol=0, atol=1e-12)
