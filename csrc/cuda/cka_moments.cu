@@ -23,12 +23,13 @@ template <typename scalar_t>
 __global__ void comoment_merge_kernel(double* __restrict__ acc, const scalar_t* __restrict__ raw,
                                       const double* __restrict__ rx, const double* __restrict__ ry, double n_b,
                                       const double* __restrict__ dx, const double* __restrict__ dy, double w,
-                                      int64_t rows, int64_t cols) {
+                                      int64_t rows, int64_t cols, bool upper) {
   const int64_t total = rows * cols;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = e / cols, j = e - i * cols;
-    acc[e] = cka::chan_comoment(acc[e], static_cast<double>(raw[e]), rx[i], ry[j], n_b, dx[i], dy[j], w);
+    const scalar_t v = (upper && j < i) ? raw[j * cols + i] : raw[e];  // lower triangle: mirror of upper
+    acc[e] = cka::chan_comoment(acc[e], static_cast<double>(v), rx[i], ry[j], n_b, dx[i], dy[j], w);
   }
 }
 
@@ -87,7 +88,7 @@ int grid_for(int64_t count) {
 
 void cka_comoment_merge_cuda(const at::Tensor& acc, const at::Tensor& raw, const at::Tensor& r_x,
                              const at::Tensor& r_y, double n_b, const at::Tensor& d_x, const at::Tensor& d_y,
-                             double w) {
+                             double w, bool upper) {
   // acc: dx x dy float64 (in place); raw: dx x dy float32/float64; r_x, d_x: [dx]; r_y, d_y: [dy] float64.
   TORCH_CHECK(acc.scalar_type() == at::kDouble && acc.dim() == 2 && acc.is_contiguous(),
               "acc: expected a contiguous 2-d float64 tensor, got ", acc.scalar_type(), " ", acc.sizes());
@@ -96,6 +97,7 @@ void cka_comoment_merge_cuda(const at::Tensor& acc, const at::Tensor& raw, const
               "raw: expected a contiguous [", rows, ", ", cols, "] tensor, got ", raw.sizes());
   TORCH_CHECK(raw.scalar_type() == at::kFloat || raw.scalar_type() == at::kDouble,
               "raw: expected float32 or float64, got ", raw.scalar_type());
+  TORCH_CHECK(!upper || rows == cols, "upper: a mirrored self-moment must be square, got ", raw.sizes());
   for (auto* v : {&r_x, &d_x})
     TORCH_CHECK(v->scalar_type() == at::kDouble && v->numel() == rows && v->is_contiguous(),
                 "r_x/d_x: expected contiguous float64 vectors of length ", rows);
@@ -109,7 +111,7 @@ void cka_comoment_merge_cuda(const at::Tensor& acc, const at::Tensor& raw, const
   AT_DISPATCH_FLOATING_TYPES(raw.scalar_type(), "cka_comoment_merge_cuda", [&] {
     comoment_merge_kernel<scalar_t><<<grid_for(acc.numel()), kThreads, 0, stream>>>(
         acc.data_ptr<double>(), raw.data_ptr<scalar_t>(), r_x.data_ptr<double>(), r_y.data_ptr<double>(), n_b,
-        d_x.data_ptr<double>(), d_y.data_ptr<double>(), w, rows, cols);
+        d_x.data_ptr<double>(), d_y.data_ptr<double>(), w, rows, cols, upper);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
