@@ -121,7 +121,7 @@ def align(teacher, student, token_ids: torch.Tensor, *, layer_map: Sequence[int]
         subsample of `kernel_tokens` tokens (tiled kernel, never n x n in memory).
     Returns a JSON-able dict (per-layer CKA, mean CKA, heatmap, tokens used, timings).
     """
-    from . import LinearCKA, MinibatchCKA
+    from .cka import LinearCKA, MinibatchCKA
 
     token_ids = _check_ids(token_ids)
     world = world or init_world()
@@ -197,7 +197,7 @@ def align(teacher, student, token_ids: torch.Tensor, *, layer_map: Sequence[int]
         # rows: student blocks, columns: teacher blocks
         out["heatmap"] = mb.compute().tolist()
     if kernel is not None:
-        from . import kernel_cka
+        from .cka import kernel_cka
         kc = []
         for p in range(len(pairs)):
             x = torch.cat([a for a, _ in ksamples[p]])
@@ -235,15 +235,15 @@ def measure_overhead(teacher, student, ids_1d: torch.Tensor, *, layer_map=None, 
     def aligned():
         align(teacher, student, ids.cpu(), layer_map=layer_map, chunk_len=chunk, heatmap=heatmap)
 
-    def timed(fn):
-        fn()  # warm-up
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return sorted(ts)[len(ts) // 2]
-
-    t_plain, t_align = timed(plain), timed(aligned)
+    plain(), aligned()  # warm-up
+    tp, ta = [], []
+    for _ in range(repeats):  # interleaved, so load changes on a shared machine hit both alike
+        t = time.perf_counter()
+        plain()
+        tp.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        aligned()
+        ta.append(time.perf_counter() - t)
+    t_plain, t_align = sorted(tp)[len(tp) // 2], sorted(ta)[len(ta) // 2]
     return {"tokens": int(T), "chunk_len": int(chunk), "forward_s": t_plain, "align_s": t_align,
             "overhead": t_align / t_plain - 1.0, "heatmap": heatmap}

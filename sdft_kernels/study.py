@@ -28,8 +28,8 @@ class StudyConfig:
     model: str | None = None          # None: the embedded default model
     specs: tuple = DEFAULT_SPECS
     block_len: int = 256              # training / evaluation window
-    eval_tokens: int = 8192           # held-out tokens for perplexity
-    task_examples: int = 32           # narrow-task examples for accuracy
+    eval_tokens: int = 4096           # held-out tokens for perplexity
+    task_examples: int = 16           # narrow-task examples for accuracy
     align_blocks: int = 1             # held-out blocks for alignment
     align_block_len: int | None = None  # None: min(model context, 2048)
     # KV-cache chunking bounds activation memory for very long blocks, but on CPU a chunked forward
@@ -87,7 +87,7 @@ def evaluate_model(ctx: Context, model) -> dict:
     from . import tasks
     from .evaluate import perplexity
     T = ctx.cfg.block_len
-    ppl = perplexity(model, ctx.eval_ids, window=T, stride=T // 2)
+    ppl = perplexity(model, ctx.eval_ids, window=T, stride=T)  # non-overlapping windows: CPU budget
     acc = tasks.task_accuracy(model, ctx.tok, ctx.examples)
     return {"perplexity": float(ppl), "task_accuracy": float(acc)}
 
@@ -178,7 +178,8 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True, log=prin
         ev = evaluate_model(ctx, ctx.teacher)
         self_align = align_model(ctx, ctx.teacher, list(range(ctx.n_layers)), heatmap=False)
         long_ids = ctx.align_ids[0]
-        ovh = measure_overhead(ctx.teacher, ctx.teacher, long_ids, chunk_len=cfg.align_chunk, repeats=1)
+        ovh = measure_overhead(ctx.teacher, ctx.teacher, long_ids, chunk_len=cfg.align_chunk,
+                               repeats=1 if cfg.quick else 3)
         return {"eval": ev, "self_cka": self_align["cka"], "align_overhead": ovh,
                 "n_layers": ctx.n_layers, "n_params": sum(p.numel() for p in ctx.teacher.parameters())}
     log("[study] teacher: evaluating and timing alignment overhead")
