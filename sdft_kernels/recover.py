@@ -133,8 +133,30 @@ def teacher_hidden(teacher, ids):
         return hf.base_model(input_ids=ids).last_hidden_state
 
 
+def _peft_ignore_old_torchao():
+    """peft raises ImportError while dispatching LoRA layers when an older torchao is installed (the
+    benchmarks pin torchao 0.11 as a peer). Our layers are never torchao tensors, so treat an unusable
+    torchao as absent instead of failing."""
+    try:
+        import peft.tuners.lora.torchao as pt
+    except ImportError:
+        return
+    orig = pt.is_torchao_available
+    if getattr(orig, "_sdft_safe", False):
+        return
+
+    def safe():
+        try:
+            return orig()
+        except ImportError:
+            return False
+    safe._sdft_safe = True
+    pt.is_torchao_available = safe
+
+
 def _apply_lora(student, cfg: RecoverConfig):
     from peft import LoraConfig, get_peft_model
+    _peft_ignore_old_torchao()
     names = sorted({n.split(".")[-1] for n, m in unwrap(student).named_modules()
                     if isinstance(m, torch.nn.Linear) and "lm_head" not in n})
     if not names:
