@@ -218,3 +218,15 @@ def test_wide_layers_symmetric_half_gemm_path(debiased):
     xx = m.mom["x0|x0"].numpy()
     xc = x.numpy() - x.numpy().mean(0)
     np.testing.assert_allclose(xx, xc.T @ xc, rtol=1e-10, atol=1e-8)
+
+
+def test_minibatch_large_batch_upper_gram_path_and_ucentre_upper():
+    # b >= 256 takes the upper-block-triangle Gram path (the U-centring kernel mirrors it)
+    xs, ys = _layers(n=300, widths=(6, 5), tw=(4,), offset=10.0)
+    got = MinibatchCKA().update(xs, ys).compute().numpy()
+    np.testing.assert_allclose(got, R.minibatch_cka([xs], [ys]), rtol=0, atol=1e-12)
+    from sdft_kernels.ops.cka import ucentre
+    g = torch.randn(2, 7, 7, dtype=torch.float64)
+    g = g + g.transpose(1, 2)
+    torch.testing.assert_close(ucentre(torch.triu(g) + 1e30 * torch.tril(torch.ones(7, 7), -1), upper=True),
+                               ucentre(g), rtol=0, atol=1e-12)

@@ -8,6 +8,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "common/checks.h"
@@ -62,9 +63,10 @@ void cka_comoment_merge_cpu(const at::Tensor& acc, const at::Tensor& raw, const 
   });
 }
 
-// gram: L x b x b symmetric Gram matrices (float32 or float64). Returns the U-centred matrices, same dtype
+// gram: L x b x b symmetric Gram matrices (float32 or float64); upper: only the upper triangles are valid
+// (Grams computed from the upper block triangle of GEMMs). Returns the full U-centred matrices, same dtype
 // (row sums and totals accumulated in float64).
-at::Tensor cka_ucentre_cpu(const at::Tensor& gram) {
+at::Tensor cka_ucentre_cpu(const at::Tensor& gram, bool upper) {
   TORCH_CHECK(gram.dim() == 3 && gram.size(1) == gram.size(2), "gram: expected [L, b, b], got ", gram.sizes());
   TORCH_CHECK(gram.scalar_type() == at::kFloat || gram.scalar_type() == at::kDouble,
               "gram: expected float32 or float64, got ", gram.scalar_type());
@@ -80,20 +82,32 @@ at::Tensor cka_ucentre_cpu(const at::Tensor& gram) {
       for (int64_t l = lo; l < hi; ++l) {
         const scalar_t* k = gp + l * b * b;
         scalar_t* o = op + l * b * b;
-        double total = 0.0;
-        for (int64_t i = 0; i < b; ++i) {  // row sums of K with its diagonal zeroed
-          double s = 0.0;
+        std::fill(r.begin(), r.end(), 0.0);
+        for (int64_t i = 0; i < b; ++i) {  // row sums of K with its diagonal zeroed, rows read contiguously
           const scalar_t* ki = k + i * b;
-          for (int64_t j = 0; j < b; ++j) s += static_cast<double>(ki[j]);
-          r[i] = s - static_cast<double>(ki[i]);
-          total += r[i];
+          double s = 0.0;
+          if (upper) {
+            for (int64_t j = i + 1; j < b; ++j) {
+              s += static_cast<double>(ki[j]);
+              r[j] += static_cast<double>(ki[j]);  // the mirrored element K[j, i]
+            }
+          } else {
+            for (int64_t j = 0; j < b; ++j) s += static_cast<double>(ki[j]);
+            s -= static_cast<double>(ki[i]);
+          }
+          r[i] += s;
         }
+        double total = 0.0;
+        for (int64_t i = 0; i < b; ++i) total += r[i];
         const double n = static_cast<double>(b);
         for (int64_t i = 0; i < b; ++i) {
           const scalar_t* ki = k + i * b;
           scalar_t* oi = o + i * b;
-          for (int64_t j = 0; j < b; ++j)
-            oi[j] = static_cast<scalar_t>(cka::ucentre(static_cast<double>(ki[j]), r[i], r[j], total, n, i == j));
+          for (int64_t j = upper ? i : 0; j < b; ++j) {
+            const auto v = static_cast<scalar_t>(cka::ucentre(static_cast<double>(ki[j]), r[i], r[j], total, n, i == j));
+            oi[j] = v;
+            if (upper) o[j * b + i] = v;  // U-centring keeps the symmetry
+          }
         }
       }
     });

@@ -20,9 +20,10 @@ def comoment_merge_(acc: torch.Tensor, raw: torch.Tensor, r_x: torch.Tensor, r_y
     _ops.cka_comoment_merge_.default(acc, raw, r_x, r_y, float(n_b), d_x, d_y, float(w), bool(upper))
 
 
-def ucentre(gram: torch.Tensor) -> torch.Tensor:
-    """U-centred copies of a stack of symmetric Gram matrices [L, b, b] (b > 3), same dtype."""
-    return _ops.cka_ucentre.default(gram)
+def ucentre(gram: torch.Tensor, upper: bool = False) -> torch.Tensor:
+    """U-centred copies of a stack of symmetric Gram matrices [L, b, b] (b > 3), same dtype.
+    upper=True: only the upper triangles of `gram` hold values (read mirrored); the output is full."""
+    return _ops.cka_ucentre.default(gram, bool(upper))
 
 
 def kernel_hsic_stats(x: torch.Tensor, y: torch.Tensor, kernel: str, gamma_x: float, gamma_y: float,
@@ -33,7 +34,7 @@ def kernel_hsic_stats(x: torch.Tensor, y: torch.Tensor, kernel: str, gamma_x: fl
 
 
 @torch.library.register_fake("sdft_kernels::cka_ucentre")
-def _ucentre_fake(gram):
+def _ucentre_fake(gram, upper=False):
     return torch.empty_like(gram)
 
 
