@@ -204,11 +204,12 @@ def global_token_count(local_count, world: World) -> torch.Tensor:
             local_count = local_count.sum()
         count = local_count.detach().to(device=world.device, dtype=torch.int64).reshape(())
     elif isinstance(local_count, int) and not isinstance(local_count, bool):
+        if local_count < 0:
+            raise ValueError(f"global_token_count: local_count must be >= 0, got {local_count}")
         count = torch.tensor(local_count, dtype=torch.int64, device=world.device)
     else:
         raise TypeError(f"global_token_count: local_count must be an int or a tensor, got {type(local_count).__name__}")
-    if int(count) < 0:
-        raise ValueError(f"global_token_count: local_count must be >= 0, got {int(count)}")
+    # (a tensor count is not inspected here: that would force a device sync every step)
     return all_reduce_sum_(count.clone(), world)
 
 

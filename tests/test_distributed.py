@@ -248,6 +248,10 @@ def test_single_process_world_and_bad_input(monkeypatch):
         D.wrap_student(m, world, "zero3")
     with pytest.raises(ValueError, match="n_items"):
         D.shard(-1, world)
+    with pytest.raises(ValueError, match="local_count"):
+        D.global_token_count(-3, world)
+    with pytest.raises(ValueError, match="reduction='sum'"):
+        D.data_parallel_loss(torch.ones(2), 4, world)  # a per-token vector, not a sum
     with pytest.raises(ValueError, match="backend"):
         D.init_world("mpi")
     monkeypatch.setenv("WORLD_SIZE", "2")
