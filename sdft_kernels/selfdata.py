@@ -135,6 +135,6 @@ def finetune(student, tokenizer, examples, responses, cfg: SFTConfig | None = No
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     student.eval()
     return losses
