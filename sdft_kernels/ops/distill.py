@@ -46,12 +46,16 @@ def _setup_context(ctx, inputs, output):
     _, grad = output
     ctx.save_for_backward(grad)
     ctx.used = False
+    # The gradient output gets no incoming gradient: without this autograd would materialise an
+    # N x V zero tensor for it in backward (a second gradient-sized buffer).
+    ctx.set_materialize_grads(False)
 
 
 def _setup_context_dense(ctx, inputs, output):
     _, grad = output
     ctx.save_for_backward(grad, inputs[3])  # inputs[3]: row_weight (or None)
     ctx.used = False
+    ctx.set_materialize_grads(False)  # see _setup_context
 
 
 def _check_not_reused(ctx):
@@ -99,6 +103,8 @@ def scale_saved_grad(ctx, grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.
 
 
 def _backward_dense(ctx, grad_loss, _grad_unused):
+    if grad_loss is None:  # grads are not materialised: the loss output did not reach the result
+        return None, None, None, None, None, None, None, None
     _check_not_reused(ctx)
     grad, row_weight = ctx.saved_tensors
     if row_weight is not None:
@@ -113,6 +119,8 @@ def _backward_dense(ctx, grad_loss, _grad_unused):
 
 
 def _backward_topk(ctx, grad_loss, _grad_unused):
+    if grad_loss is None:
+        return None, None, None, None, None, None, None, None
     _check_not_reused(ctx)
     (grad,) = ctx.saved_tensors
     return scale_saved_grad(ctx, grad, grad_loss), None, None, None, None, None, None, None
