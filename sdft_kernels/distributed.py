@@ -323,6 +323,12 @@ def gathered_root(model: torch.nn.Module):
     if unshard is None or not hasattr(model, "reshard"):
         yield model
         return
+    # FSDP refills the same unsharded buffers without bumping their version counters, so a cache
+    # keyed on (data_ptr, _version) of a weight (QuantLinear's inference cache) would serve stale
+    # values from an earlier gather: drop such caches before every gathered run.
+    for m in model.modules():
+        if getattr(m, "_cache", None) is not None:
+            m._cache = None
     unshard()
     try:
         yield model
