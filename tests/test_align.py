@@ -25,8 +25,8 @@ def test_identical_models_give_cka_one(models):
     teacher, _, ids = models
     out = align(teacher, copy.deepcopy(teacher), ids, heatmap=True)
     assert out["tokens"] == ids.numel()
-    assert torch.allclose(torch.tensor(out["cka"]), torch.ones(3, dtype=torch.float64), atol=1e-6)
-    hm = torch.tensor(out["heatmap"])
+    assert torch.allclose(torch.tensor(out["cka"], dtype=torch.float64), torch.ones(3, dtype=torch.float64), atol=1e-6)
+    hm = torch.tensor(out["heatmap"], dtype=torch.float64)
     assert hm.shape == (3, 3)
     assert torch.allclose(hm.diagonal(), torch.ones(3, dtype=torch.float64), atol=1e-6)
 
@@ -48,8 +48,8 @@ def test_matches_float64_reference_on_captured_states(models):
 
 def test_chunked_streaming_equals_whole_block(models):
     teacher, student, ids = models
-    whole = align(teacher, student, ids, heatmap=False, drop_first=2)
-    chunked = align(teacher, student, ids, heatmap=False, drop_first=2, chunk_len=7)
+    whole = align(teacher, student, ids[:2], heatmap=False, drop_first=2)
+    chunked = align(teacher, student, ids[:2], heatmap=False, drop_first=2, chunk_len=16)
     assert whole["tokens"] == chunked["tokens"]
     assert torch.allclose(torch.tensor(whole["cka"]), torch.tensor(chunked["cka"]), atol=1e-5)
 
