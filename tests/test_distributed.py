@@ -104,6 +104,16 @@ def _cka_run(world, batches):
     return lin.compute(), mb.compute(), lin.tokens
 
 
+class _AlwaysEqual:
+    """A cache key that matches any key."""
+
+    def __eq__(self, other):
+        return True
+
+    def __ne__(self, other):
+        return False
+
+
 def _worker(rank, world_size, port, tmp, run_cka):
     torch.set_num_threads(1)  # forked child: one thread each, no OpenMP pool inherited
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -131,6 +141,28 @@ def _worker(rank, world_size, port, tmp, run_cka):
     extra = D.load_checkpoint(tmp / "ckpt_1rank.pt", world, model, opt)
     out["fsdp_losses"] = _parallel_steps(world, model, teacher, opt, range(extra["step"], STEPS))
     out["fsdp_state"], _ = D.full_state(model, world)
+
+    # FSDP + a fake-quantised student, run bare (as the CKA trajectory does) before and after
+    # training: the no-grad forward must see the trained weights, not a cache of the first gather.
+    from sdft_kernels.degrade.quantize import quantize_rtn
+    student, teacher = quantize_rtn(_tiny_llama(1), bits=4, group_size=16)[0], _models()[1]
+    model = D.wrap_student(student, world, "fsdp")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = _batch(99)[0]
+    for steps in (range(0), range(2)):
+        _parallel_steps(world, model, teacher, opt, steps)
+        for m in student.modules():  # FSDP refilling a buffer at the same address, version unchanged,
+            if getattr(m, "_cache", None) is not None:  # is what makes QuantLinear's cache key match:
+                m._cache = (_AlwaysEqual(), m._cache[1])  # force that case, the allocator rarely does
+        student.eval()
+        with torch.no_grad(), D.gathered_root(model):
+            out["q_gathered"] = student(ids).logits
+        student.train()
+    fresh = quantize_rtn(_tiny_llama(1), bits=4, group_size=16)[0] if world.is_main else None
+    fresh = D.unshard_into(model, fresh, world)
+    if fresh is not None:
+        with torch.no_grad():
+            out["q_plain"] = fresh.eval()(ids).logits
 
     if run_cka:
         lin, mb, tokens = _cka_run(world, D.shard(4, world, mode="strided"))
@@ -208,6 +240,11 @@ def test_fsdp_resume_from_one_process_checkpoint_on_two_ranks(runs):
     assert r0["fsdp_losses"] == r1["fsdp_losses"]
     torch.testing.assert_close(torch.tensor(r0["fsdp_losses"]), torch.tensor(runs["ref_losses"][K:]), rtol=1e-5, atol=1e-6)
     _assert_states_close(r0["fsdp_state"], runs["ref_state"], "fsdp (resumed on 2 ranks) vs one process")
+
+
+def test_fsdp_bare_student_sees_trained_quantized_weights(runs):
+    r0 = runs["ranks"][0]
+    torch.testing.assert_close(r0["q_gathered"], r0["q_plain"], rtol=1e-5, atol=1e-5)
 
 
 def test_cka_all_reduce_equals_one_process(runs):
