@@ -46,15 +46,24 @@ __device__ inline double block_sum(double v, double* shared) {
 }
 
 // One block per (layer, row): r[l, i] = sum_j K[l, i, j] - K[l, i, i] (row sum of K with zeroed diagonal).
+// upper: only the upper triangle is valid; K[i, j] for j < i is read as K[j, i].
 template <typename scalar_t>
-__global__ void ucentre_rows_kernel(const scalar_t* __restrict__ g, double* __restrict__ r, int64_t b) {
+__device__ inline double gram_at(const scalar_t* __restrict__ k, int64_t i, int64_t j, int64_t b, bool upper) {
+  return static_cast<double>((upper && j < i) ? k[j * b + i] : k[i * b + j]);
+}
+
+template <typename scalar_t>
+__global__ void ucentre_rows_kernel(const scalar_t* __restrict__ g, double* __restrict__ r, int64_t b,
+                                    bool upper) {
   __shared__ double shared[kThreads / 32];
   const int64_t row = blockIdx.x;  // = l * b + i
-  const scalar_t* gi = g + row * b;
+  const int64_t l = row / b, i = row - l * b;
+  const scalar_t* k = g + l * b * b;
   double s = 0.0;
-  for (int64_t j = threadIdx.x; j < b; j += blockDim.x) s += static_cast<double>(gi[j]);
+  for (int64_t j = threadIdx.x; j < b; j += blockDim.x)
+    if (j != i) s += gram_at(k, i, j, b, upper);
   s = block_sum(s, shared);
-  if (threadIdx.x == 0) r[row] = s - static_cast<double>(gi[row % b]);
+  if (threadIdx.x == 0) r[row] = s;
 }
 
 // One block per layer: total[l] = sum_i r[l, i].
@@ -69,14 +78,14 @@ __global__ void ucentre_total_kernel(const double* __restrict__ r, double* __res
 template <typename scalar_t>
 __global__ void ucentre_apply_kernel(const scalar_t* __restrict__ g, const double* __restrict__ r,
                                      const double* __restrict__ total, scalar_t* __restrict__ out, int64_t nl,
-                                     int64_t b) {
+                                     int64_t b, bool upper) {
   const int64_t count = nl * b * b;
   const double n = static_cast<double>(b);
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < count;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t l = e / (b * b), ij = e - l * b * b, i = ij / b, j = ij - i * b;
-    out[e] = static_cast<scalar_t>(cka::ucentre(static_cast<double>(g[e]), r[l * b + i], r[l * b + j],
-                                                total[l], n, i == j));
+    out[e] = static_cast<scalar_t>(cka::ucentre(gram_at(g + l * b * b, i, j, b, upper), r[l * b + i],
+                                                r[l * b + j], total[l], n, i == j));
   }
 }
 
@@ -116,8 +125,8 @@ void cka_comoment_merge_cuda(const at::Tensor& acc, const at::Tensor& raw, const
   });
 }
 
-at::Tensor cka_ucentre_cuda(const at::Tensor& gram) {
-  // gram: L x b x b symmetric (float32/float64) -> U-centred, same dtype.
+at::Tensor cka_ucentre_cuda(const at::Tensor& gram, bool upper) {
+  // gram: L x b x b symmetric (float32/float64; upper: only upper triangles valid) -> U-centred, same dtype.
   TORCH_CHECK(gram.dim() == 3 && gram.size(1) == gram.size(2), "gram: expected [L, b, b], got ", gram.sizes());
   TORCH_CHECK(gram.scalar_type() == at::kFloat || gram.scalar_type() == at::kDouble,
               "gram: expected float32 or float64, got ", gram.scalar_type());
@@ -131,12 +140,12 @@ at::Tensor cka_ucentre_cuda(const at::Tensor& gram) {
   if (nl == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cka_ucentre_cuda", [&] {
-    ucentre_rows_kernel<scalar_t><<<nl * b, kThreads, 0, stream>>>(g.data_ptr<scalar_t>(), r.data_ptr<double>(), b);
+    ucentre_rows_kernel<scalar_t><<<nl * b, kThreads, 0, stream>>>(g.data_ptr<scalar_t>(), r.data_ptr<double>(), b, upper);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     ucentre_total_kernel<<<nl, kThreads, 0, stream>>>(r.data_ptr<double>(), total.data_ptr<double>(), b);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     ucentre_apply_kernel<scalar_t><<<grid_for(nl * b * b), kThreads, 0, stream>>>(
-        g.data_ptr<scalar_t>(), r.data_ptr<double>(), total.data_ptr<double>(), out.data_ptr<scalar_t>(), nl, b);
+        g.data_ptr<scalar_t>(), r.data_ptr<double>(), total.data_ptr<double>(), out.data_ptr<scalar_t>(), nl, b, upper);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
