@@ -114,3 +114,32 @@ def test_cuda_equals_unfused(dtype):
     assert abs(float(out) - float(ref)) <= tol * abs(float(ref)) + 1e-6
     for a, b in zip(g, g_ref):
         assert float((a.double() - b).abs().max()) <= tol * float(b.abs().max()) + 1e-6
+
+
+def test_hugging_face_training_step():
+    """DistillationLoss plugs into an HF causal LM step without touching model code: logits form and
+    the fused form (base model hidden states + lm_head) give the same loss and student gradients."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    student, teacher = transformers.LlamaForCausalLM(cfg), transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 97, (2, 11))
+    attn = torch.ones(2, 11, dtype=torch.long)
+    attn[1, 8:] = 0
+    loss_fn = DistillationLoss(divergence="jsd", beta=0.3, temperature=2.0, chunk_size=8, shift_labels=True)
+    labels = ids.masked_fill(attn == 0, -100)
+    with torch.no_grad():
+        t_out = teacher(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+    loss = loss_fn(student(input_ids=ids, attention_mask=attn).logits, t_out.logits, labels=labels)
+    loss.backward()
+    grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    s_h = student.model(input_ids=ids, attention_mask=attn).last_hidden_state
+    fused = loss_fn.from_hidden(s_h, student.get_output_embeddings(), t_out.hidden_states[-1],
+                                teacher.get_output_embeddings(), labels=labels)
+    fused.backward()
+    assert torch.allclose(loss, fused, atol=1e-6, rtol=1e-5)
+    for g, p in zip(grads, student.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-6, rtol=1e-4)
+    assert all(p.grad is None for p in teacher.parameters())
