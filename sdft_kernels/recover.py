@@ -163,7 +163,10 @@ def _apply_lora(student, cfg: RecoverConfig):
         raise ValueError("lora: the student has no nn.Linear layers to adapt")
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=names,
                       bias="none")
-    return get_peft_model(student, lcfg)
+    # LoRA's A matrices are drawn from the RNG: seed them, so runs (and 1 vs N ranks) start alike
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return get_peft_model(student, lcfg)
 
 
 def _schedule(cfg: RecoverConfig):
