@@ -53,7 +53,7 @@ def kernel_table(path: Path, device: str = "cpu") -> str:
             r = best.get(case + (metric,))
             if r:
                 notes.append(f"{metric} {r['median']}" + {"compile_time": " s", "rate": " " + r["unit"]}.get(metric, ""))
-        notes.append(f"reps {t['reps']}, load {t['load1']}")
+        notes.append(f"reps {t['reps']}, load {t['load1']}, commit {t['commit']}")
         frac = f"{float(t['floor_fraction']):.0%} ({t['floor']})" if t["floor_fraction"] else ""
         lines.append(f"| {case[0]} | {case[2]} | {case[3]} | {_fmt_time(t['median'])} "
                      f"({_fmt_time(t['p20'])}-{_fmt_time(t['p80'])}) | "
