@@ -9,7 +9,7 @@ Recipe (all steps are deterministic given the Python version of the interpreter 
   4. Save with save_pretrained (safetensors) and write training_record.json with held-out perplexity,
      unigram / bigram baselines and degradation sanity checks (python/default_model_eval.py).
 
-Rebuild:  python python/train_default_model.py   (the shipped model: --total-steps 1000, 75 min budget)
+Rebuild:  python python/train_default_model.py --total-steps 1300 --max-minutes 74 (the shipped model; see README)
 Smoke:    python python/train_default_model.py --tiny --max-minutes 1 --out /tmp/dm --data-out /tmp/dd
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--data-out", type=Path, default=REPO / "sdft_kernels/assets/data")
     p.add_argument("--work-dir", type=Path, default=REPO / "build/default_model_work",
                    help="tokenizer cache, token cache and resumable checkpoint")
-    p.add_argument("--max-minutes", type=float, default=75.0, help="wall-time budget of the training loop")
+    p.add_argument("--max-minutes", type=float, default=74.0, help="wall-time budget of the training loop")
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--layers", type=int, default=6)
