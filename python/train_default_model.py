@@ -53,6 +53,7 @@ def parse_args(argv=None):
                    help="cosine horizon; default: estimated from the measured step rate and --max-minutes")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; on a shared, oversubscribed CPU one thread was 4x faster than two")
+    p.add_argument("--device", default="cpu", help="torch device for training, e.g. cuda")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (slower without AVX512-BF16/AMX)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens used for perplexity")
@@ -167,7 +168,7 @@ def train(args, model, stream, ckpt_path: Path, log) -> dict:
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     state = {"step": 0, "tokens": 0, "elapsed": 0.0, "total_steps": args.total_steps, "losses": []}
     if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = torch.load(ckpt_path, weights_only=False, map_location=args.device)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         state = ck["state"]
@@ -190,7 +191,8 @@ def train(args, model, stream, ckpt_path: Path, log) -> dict:
         for group in opt.param_groups:
             group["lr"] = args.lr * factor
         x, epoch = batch_for_step(stream, step, args)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        x = x.to(args.device)
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16):
             logits = model(input_ids=x[:, :-1]).logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -271,13 +273,13 @@ def main(argv=None) -> int:
     log(f"tokenizer vocab {len(tokenizer)}; train stream {len(stream)} tokens "
         f"({sum(map(len, splits['train_docs'])) / len(stream):.2f} chars/token); prep {time.time() - t0:.0f}s")
 
-    model = make_model(args, tokenizer)
+    model = make_model(args, tokenizer).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {args.layers} layers, hidden {args.hidden}, {n_params} parameters")
     name = f"ckpt_{tag}_L{args.layers}_H{args.hidden}_S{args.seq_len}_B{args.batch_size}.pt"
     state = train(args, model, stream, args.work_dir / name, log)
     log(f"training done: {state['step']} steps, {state['tokens']} tokens, {state['elapsed']:.0f}s")
-    model.eval()
+    model = model.cpu().eval()
     save_model(model, tokenizer, args.out)
 
     record = {
