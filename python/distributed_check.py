@@ -65,8 +65,10 @@ def run_until(cmd, watch, log):
 
 
 def max_weight_diff(a, b):
+    """Largest weight difference between the recovered models of runs a and b (or model dirs)."""
     from safetensors.torch import load_file
-    x, y = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    a, b = (d / "model" if (d / "model").is_dir() else d for d in (a, b))
+    x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     return max((x[k] - y[k]).abs().max().item() for k in x)
 
 
