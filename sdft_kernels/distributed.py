@@ -36,7 +36,7 @@ class World:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = torch.device("cpu")  # noqa: RUF009  (immutable, hashable)
     is_distributed: bool = False
     is_main: bool = True
     backend: str | None = None
@@ -355,7 +355,10 @@ def full_state(model: torch.nn.Module, world: World, optimizer: torch.optim.Opti
     main rank; other ranks get empty dicts under FSDP (the gather lands on rank 0 only).
     Optimizer state is keyed by parameter name, not position, so it loads under any wrapping.
     """
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
     opts = _state_options(cpu_offload=True)
     model_state = get_model_state_dict(model, options=opts)
     optim_state = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
@@ -418,7 +421,10 @@ def load_full_state(model: torch.nn.Module, model_state: dict,
     """Load full (unsharded) state from `full_state` into a model wrapped any way (or not at all):
     FSDP shards it to this rank's slice, DDP/plain modules copy it. Every rank passes the full dicts.
     """
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
     set_model_state_dict(model, model_state, options=_state_options(strict=strict))
     if optimizer is not None:
         if optim_state is None:

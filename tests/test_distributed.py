@@ -209,7 +209,7 @@ def runs(tmp_path_factory):
     ref_losses += _reference_steps(student, teacher, opt, range(K, STEPS))
     ref_state = {k: v.clone() for k, v in student.state_dict().items()}
     ranks = _run_ranks(tmp, run_cka)
-    return dict(tmp=tmp, ref_losses=ref_losses, ref_state=ref_state, ranks=ranks, run_cka=run_cka)
+    return {"tmp": tmp, "ref_losses": ref_losses, "ref_state": ref_state, "ranks": ranks, "run_cka": run_cka}
 
 
 def test_ddp_steps_equal_one_process_on_full_batch(runs):
