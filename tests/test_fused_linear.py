@@ -36,6 +36,17 @@ def test_equals_unfused(divergence, reduction, chunk_size):
         assert torch.allclose(a, b, atol=1e-12, rtol=1e-9)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batchmean", "none"])
+def test_no_grad_gives_the_same_reduced_value(reduction):
+    """Evaluation without gradients (torch.no_grad, frozen inputs) reduces exactly like training does."""
+    x = _inputs()
+    with torch.no_grad():
+        out = fused_linear_distill_loss(**x, reduction=reduction, chunk_size=5)
+    ref = fused_linear_distill_loss_ref(**x, reduction=reduction)
+    assert out.shape == ref.shape
+    assert torch.allclose(out, ref, atol=1e-12, rtol=1e-10)
+
+
 def test_float32_and_bf16_match_unfused_kernel():
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         x = _inputs(n=40, v=300, dtype=dtype)

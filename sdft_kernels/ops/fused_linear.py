@@ -75,7 +75,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         if per_row or not any_grad:  # reduction="none": gradients are computed in backward
             rows, *_ = _chunks(sh, sw, sb, th, tw, tb, valid, None, div, beta, tau, vocab, chunk, want)
             ctx.save_for_backward(sh, sw, sb, th, tw, tb, valid)
-            return rows
+            return rows if per_row else (rows * row_w).sum()
         rows, gh, gw, gb = _chunks(sh, sw, sb, th, tw, tb, valid, row_w, div, beta, tau, vocab, chunk, want)
         ctx.save_for_backward(gh, gw, gb)
         return (rows * row_w).sum()
