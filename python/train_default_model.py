@@ -53,6 +53,9 @@ def parse_args(argv=None):
                    help="cosine horizon; default: estimated from the measured step rate and --max-minutes")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; on a shared, oversubscribed CPU one thread was 4x faster than two")
+    p.add_argument("--restart-schedule", action="store_true",
+                   help="on resume, start a new warmup + cosine cycle from the checkpoint's step (a warm "
+                        "restart: --total-steps and --max-minutes then count from the resumed point)")
     p.add_argument("--device", default="cpu", help="torch device for training, e.g. cuda")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (slower without AVX512-BF16/AMX)")
     p.add_argument("--seed", type=int, default=0)
@@ -177,7 +180,14 @@ def train(args, model, stream, ckpt_path: Path, log) -> dict:
             # an explicit horizon wins over the stored one (used to extend a run that is under way)
             log(f"cosine horizon changed from {state['total_steps']} to {args.total_steps} steps")
             state["total_steps"] = args.total_steps
-    budget = args.max_minutes * 60.0
+        if args.restart_schedule:
+            # a new cycle: the schedule's step and time origin move to where the run resumes
+            state["cycle"] = {"step": state["step"], "elapsed": state["elapsed"]}
+            state["total_steps"] = state["step"] + (args.total_steps or 10 ** 9)
+            log(f"warm restart at step {state['step']}: new cycle of {args.total_steps} steps / "
+                f"{args.max_minutes} min")
+    cycle = state.get("cycle", {"step": 0, "elapsed": 0.0})
+    budget = cycle["elapsed"] + args.max_minutes * 60.0
     model.train()
     t_start, t_ckpt = time.time() - state["elapsed"], time.time()
     rate_t0 = None
@@ -187,7 +197,9 @@ def train(args, model, stream, ckpt_path: Path, log) -> dict:
             break
         step = state["step"]
         horizon = state["total_steps"] or 10 ** 9
-        factor = lr_factor(step, max(step / horizon, elapsed / budget), args)
+        c_step, c_time = step - cycle["step"], elapsed - cycle["elapsed"]
+        progress = max(c_step / max(1, horizon - cycle["step"]), c_time / (budget - cycle["elapsed"]))
+        factor = lr_factor(c_step, progress, args)
         for group in opt.param_groups:
             group["lr"] = args.lr * factor
         x, epoch = batch_for_step(stream, step, args)
