@@ -42,39 +42,14 @@ def consistency_filter(examples, rewrites: list[str]) -> tuple[list[str], list[b
     return responses, kept
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 32) -> list[str]:
-    """Greedy continuations of `prompts` (left-padded batches)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    dev = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    out = []
-    try:
-        for b in range(0, len(prompts), batch_size):
-            enc = [tokenizer(p)["input_ids"] for p in prompts[b:b + batch_size]]
-            T = max(len(e) for e in enc)
-            ids = torch.full((len(enc), T), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, e in enumerate(enc):
-                ids[i, T - len(e):] = torch.tensor(e)
-                mask[i, T - len(e):] = 1
-            gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                 eos_token_id=tokenizer.eos_token_id, num_beams=1)
-            out += tokenizer.batch_decode(gen[:, T:], skip_special_tokens=True)
-    finally:
-        model.train(was)
-    return out
-
-
 def self_distill(teacher, tokenizer, examples, *, max_new_tokens: int = 32, batch_size: int = 32):
     """Rewrite each example's response with the teacher and filter for answer consistency.
 
     Returns (responses, stats) with stats = {"total", "kept", "kept_fraction"}."""
     if not examples:
         raise ValueError("examples: empty")
-    rewrites = generate(teacher, tokenizer, [rewrite_prompt(ex) for ex in examples], max_new_tokens, batch_size)
+    prompts = [rewrite_prompt(ex) for ex in examples]
+    rewrites = tasks.generate_greedy(teacher, tokenizer, prompts, max_new_tokens, batch_size)
     responses, kept = consistency_filter(examples, rewrites)
     n = sum(kept)
     return responses, {"total": len(examples), "kept": n, "kept_fraction": n / len(examples)}

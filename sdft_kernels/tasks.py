@@ -109,9 +109,9 @@ def sft_batch(tokenizer, examples: list[Example]):
 
 
 @torch.no_grad()
-def generate_responses(model, tokenizer, examples: list[Example], max_new_tokens: int = 24,
-                       batch_size: int = 32) -> list[str]:
-    """Greedy continuations of each example's prompt (batched, left-padded)."""
+def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 24,
+                    batch_size: int = 32) -> list[str]:
+    """Greedy continuations of `prompts` (batched, left-padded), decoded without special tokens."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -122,14 +122,14 @@ def generate_responses(model, tokenizer, examples: list[Example], max_new_tokens
     model.eval()
     out_texts = []
     try:
-        for b in range(0, len(examples), batch_size):
-            prompts = [tokenizer(format_prompt(ex))["input_ids"] for ex in examples[b:b + batch_size]]
-            T = max(len(p) for p in prompts)
-            ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+        for b in range(0, len(prompts), batch_size):
+            enc = [tokenizer(p)["input_ids"] for p in prompts[b:b + batch_size]]
+            T = max(len(e) for e in enc)
+            ids = torch.full((len(enc), T), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
-            for i, p in enumerate(prompts):
-                ids[i, T - len(p):] = torch.tensor(p)
-                mask[i, T - len(p):] = 1
+            for i, e in enumerate(enc):
+                ids[i, T - len(e):] = torch.tensor(e)
+                mask[i, T - len(e):] = 1
             gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
                                  max_new_tokens=max_new_tokens, pad_token_id=pad,
                                  eos_token_id=tokenizer.eos_token_id, num_beams=1)
@@ -137,6 +137,12 @@ def generate_responses(model, tokenizer, examples: list[Example], max_new_tokens
     finally:
         model.train(was_training)
     return out_texts
+
+
+def generate_responses(model, tokenizer, examples: list[Example], max_new_tokens: int = 24,
+                       batch_size: int = 32) -> list[str]:
+    """Greedy continuations of each example's prompt."""
+    return generate_greedy(model, tokenizer, [format_prompt(ex) for ex in examples], max_new_tokens, batch_size)
 
 
 def task_accuracy(model, tokenizer, examples: list[Example], max_new_tokens: int = 24,
