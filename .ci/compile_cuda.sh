@@ -20,10 +20,20 @@ for inc in "${INCS[@]}"; do FLAGS+=(-I"$inc"); done
 shopt -s nullglob
 files=(csrc/cuda/*.cu)
 if [ ${#files[@]} -eq 0 ]; then echo "compile_cuda: no csrc/cuda/*.cu files"; exit 1; fi
-for f in "${files[@]}"; do
+compile_one() {
+  local f=$1 obj start
   obj="$OUTDIR/$(basename "${f%.cu}").o"
   start=$(date +%s)
-  "$NVCC" "${FLAGS[@]}" -c "$f" -o "$obj"
+  "$NVCC" "${FLAGS[@]}" -c "$f" -o "$obj" || { echo "compile_cuda: FAILED $f"; return 1; }
   echo "compile_cuda: $f -> $obj ($(( $(date +%s) - start )) s, sm_80+sm_90)"
+}
+# NVCC_JOBS files at a time (default: 2, this project's core count); any failure fails the script.
+pids=()
+for f in "${files[@]}"; do
+  while [ "$(jobs -rp | wc -l)" -ge "${NVCC_JOBS:-2}" ]; do sleep 1; done
+  compile_one "$f" & pids+=($!)
 done
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=1; done
+if [ "$status" -ne 0 ]; then echo "compile_cuda: CUDA compile check failed"; exit 1; fi
 echo "compile_cuda: ${#files[@]} CUDA files compiled"
