@@ -23,9 +23,10 @@ def test_default_model_is_shipped_small_and_recorded():
     assert weights.is_file() and weights.stat().st_size < 25 * 2 ** 20
     record = json.loads((path / "training_record.json").read_text())
     ev = record["evaluation"]
-    # The shipped model (~1.1M training tokens on a shared CPU) beats unigram and add-one bigram
-    # baselines but NOT the Kneser-Ney bigram fit on all 1.95M training tokens; see README.
-    assert ev["heldout_ppl"] < ev["baselines"]["bigram_add1"] < ev["baselines"]["unigram_add1"]
+    # The recorded held-out perplexity beats every count baseline fit on all 1.95M training tokens,
+    # the Kneser-Ney bigram included (104 vs 135 for the shipped model; see README).
+    assert ev["heldout_ppl"] < ev["baselines"]["bigram_kn"] < ev["baselines"]["bigram_add1"]
+    assert ev["baselines"]["bigram_add1"] < ev["baselines"]["unigram_add1"]
     assert ev["degradation"]["drop_2_blocks"]["ppl"] > ev["heldout_ppl"]
     assert record["parameters"] > 1_000_000
 
@@ -43,8 +44,8 @@ def test_default_model_generates_text(default):
 
 @torch.no_grad()
 def test_default_model_beats_count_baselines_on_heldout(default):
-    """Perplexity on ~3k held-out tokens must be below the add-one bigram and far below the unigram
-    baseline fit on the shipped training text and scored on exactly the same tokens."""
+    """Perplexity on ~3k held-out tokens must be well below the Kneser-Ney bigram (and far below the
+    unigram) baseline fit on the shipped training text and scored on exactly the same tokens."""
     model, tok = default
     blocks = data.token_blocks(tok, data.load_text("heldout"), 256, max_blocks=12, stride=256)
     logits = model(input_ids=blocks).logits[:, :-1].float()
@@ -53,7 +54,7 @@ def test_default_model_beats_count_baselines_on_heldout(default):
     train_ids = data.encode(tok, data.load_text("train"))
     # each block's first token has no context for the model; score the bigram on the same targets
     base = data.ngram_baselines(train_ids, blocks, len(tok))
-    assert ppl < base["bigram_add1"] and ppl < 0.3 * base["unigram_add1"], (ppl, base)
+    assert ppl < 0.6 * base["bigram_kn"] and ppl < 0.3 * base["unigram_add1"], (ppl, base)
 
 
 def test_load_model_default_and_dtype():
