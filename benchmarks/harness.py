@@ -368,3 +368,24 @@ def format_case(rows: list) -> str:
         if k not in ("time", "peak_mem", "compile_time"):
             line += f"  {k}={v['median']}"
     return line
+
+
+def pytest_benchmark_case(benchmark, case: Case, device: str):
+    """Run one case through pytest-benchmark (in-process timing only; `sdft bench` isolates cases and
+    adds peak memory and floors). Shared by every benchmarks/test_bench_*.py."""
+    import pytest
+
+    if case.skip:
+        pytest.skip(case.skip)
+    spec = case.build()
+    step, prepare = spec["step"], spec.get("prepare")
+    benchmark.group = f"{case.kernel} {case.dtype} {case.sizes_str}"
+    step(prepare() if prepare else None)   # warm-up (and torch.compile's compile)
+
+    def run(state):
+        out = step(state)
+        _sync(device)
+        return out
+
+    benchmark.pedantic(run, setup=lambda: ((prepare() if prepare else None,), {}),
+                       rounds=1 if case.slow else 5, iterations=1)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from benchmarks import bench_distill
+from benchmarks.harness import pytest_benchmark_case
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = bench_distill.cases(DEVICE, quick=os.environ.get("SDFT_BENCH_FULL") != "1")
@@ -16,18 +17,4 @@ bench_distill.setup_env()
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.kernel}-{c.provider}-{c.dtype}-{c.sizes_str}" for c in CASES])
 def test_distill(benchmark, case):
-    if case.skip:
-        pytest.skip(case.skip)
-    spec = case.build()
-    step, prepare = spec["step"], spec.get("prepare")
-    benchmark.group = f"{case.kernel} {case.dtype} {case.sizes_str}"
-    step(prepare() if prepare else None)   # warm-up (and torch.compile's compile)
-
-    def run(state):
-        out = step(state)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    benchmark.pedantic(run, setup=lambda: ((prepare() if prepare else None,), {}),
-                       rounds=1 if case.slow else 5, iterations=1)
+    pytest_benchmark_case(benchmark, case, DEVICE)
