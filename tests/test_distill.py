@@ -102,6 +102,77 @@ def test_neg_inf_entries_and_huge_logits(divergence):
     assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(g).all())
 
 
+CH = 4096  # csrc/cpu/distill_row.h: a CPU row is streamed in chunks of this many logits
+
+
+def _chunked_rows(dtype=torch.float64):
+    """Rows over several CPU chunks that exercise the online log-sum-exp: a first chunk of only -inf,
+    a maximum in the last chunk (every chunk rescales the running sum), and a spread of 1e3."""
+    V = 3 * CH + 5
+    s, t = _inputs((4, V), torch.float64)
+    s[0, :CH] = t[0, :CH] = float("-inf")
+    ramp = torch.linspace(-30.0, 30.0, V, dtype=torch.float64)
+    s[1] += ramp
+    t[1] -= ramp
+    s[2, -1], t[2, 7] = 1e3, 1e3
+    return s.to(dtype), t.to(dtype)
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_over_several_chunks(divergence, dtype):
+    s, t = _chunked_rows(dtype)
+    out, g = _check(s, t, divergence=divergence, reduction="none", atol=1e-5, grad_atol=1e-6)
+    assert not bool(g[0, :CH].any())  # -inf logits get exactly zero gradient
+
+
+def test_nan_in_a_chunk_of_only_neg_inf_is_reported():
+    s, t = _chunked_rows(torch.float32)
+    s[0, 11] = float("nan")  # inside the all -inf first chunk, before any finite entry
+    _bad(lambda: distill_loss(s, t), "student_logits: row 0")
+    s, t = _chunked_rows(torch.float32)
+    t[3, 2 * CH + 1] = float("inf")
+    _bad(lambda: distill_loss(s, t), "teacher_logits: row 3")
+
+
+_ISA_SCRIPT = """
+import sys, torch
+from sdft_kernels import distill_loss
+s, t = torch.load(sys.argv[1])
+out = {}
+for div in ("forward_kl", "reverse_kl", "jsd"):
+    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        x = s.to(dt).requires_grad_()
+        loss = distill_loss(x, t.to(dt), divergence=div, beta=0.3, temperature=1.5, reduction="none")
+        (g,) = torch.autograd.grad(loss.sum(), x)
+        out[(div, str(dt))] = (loss.detach(), g)
+torch.save(out, sys.argv[2])
+"""
+
+
+def test_every_cpu_isa_variant_matches(tmp_path):
+    """The row loops are compiled for the baseline ISA, AVX2 and AVX-512 and picked at run time;
+    SDFT_CPU_ISA caps the choice, so each variant this CPU can run is checked against float64."""
+    import os
+    import subprocess
+    import sys
+    s, t = _inputs((6, CH + 37), torch.float64)
+    s[1, ::5] = t[1, ::5] = float("-inf")
+    torch.save((s, t), tmp_path / "in.pt")
+    for isa in ("base", "avx2", "avx512"):
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / f"{isa}.pt")],
+                       check=True, env=dict(os.environ, SDFT_CPU_ISA=isa), timeout=300)
+        for (div, dt), (loss, g) in torch.load(tmp_path / f"{isa}.pt").items():
+            dtype = getattr(torch, dt.split(".")[1])
+            x = s.to(dtype).double().requires_grad_()  # the reference sees the same rounded inputs
+            ref = distill_loss_ref(x, t.to(dtype).double(), divergence=div, beta=0.3, temperature=1.5,
+                                   reduction="none")
+            (g_ref,) = torch.autograd.grad(ref.sum(), x)
+            eps = 1e-7 if dtype in (torch.float32, torch.float64) else torch.finfo(dtype).eps
+            _close(f"{isa} {div} {dt} loss", loss, ref, 20 * eps, rtol=20 * eps)
+            _close(f"{isa} {div} {dt} grad", g, g_ref, 10 * eps * float(g_ref.abs().max()), rtol=2 * eps)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "batchmean", "none"])
 def test_all_tokens_ignored(reduction):
     s, t = _inputs((4, 30))

@@ -28,7 +28,7 @@ namespace {
 template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
 C10_ALWAYS_INLINE void dense_rows_body(const RowParams<acc_t>& P, const scalar_t* S, const scalar_t* T,
                                               const bool* valid, const acc_t* W, acc_t* loss, scalar_t* G,
-                                              int64_t r0, int64_t r1, acc_t* bq, acc_t* bp, RowError& err) {
+                                       int64_t r0, int64_t r1, const RowScratch<acc_t>& R, RowError& err) {
   const int64_t V = P.V;
   for (int64_t r = r0; r < r1; ++r) {
     scalar_t* g = GRAD ? G + r * V : nullptr;
@@ -39,23 +39,33 @@ C10_ALWAYS_INLINE void dense_rows_body(const RowParams<acc_t>& P, const scalar_t
     }
     RowParams<acc_t> Pr = P;
     if (W != nullptr) Pr.grad_scale = P.inv_tau * W[r];
-    const int code = dense_row<DIV, GRAD>(Pr, S + r * V, T + r * V, g, bq, bp, loss[r]);
+    const int code = dense_row<DIV, GRAD>(Pr, S + r * V, T + r * V, g, R, loss[r]);
     if (code != 0) err.set(r, code);
   }
 }
 
+// AVX-512 (Zen 4/5, Ice Lake and later): one 16-float register per W lanes; f16c converts fp16 chunks.
 template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
-__attribute__((target("avx2,fma"))) void dense_rows_avx2(const RowParams<acc_t>& P, const scalar_t* S,
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,prefer-vector-width=512"))) void
+dense_rows_avx512(const RowParams<acc_t>& P, const scalar_t* S, const scalar_t* T, const bool* valid,
+                  const acc_t* W, acc_t* loss, scalar_t* G, int64_t r0, int64_t r1, const RowScratch<acc_t>& R,
+                  RowError& err) {
+  dense_rows_body<DIV, GRAD>(P, S, T, valid, W, loss, G, r0, r1, R, err);
+}
+
+template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
+__attribute__((target("avx2,fma,f16c"))) void dense_rows_avx2(const RowParams<acc_t>& P, const scalar_t* S,
                                                          const scalar_t* T, const bool* valid, const acc_t* W,
-                                                         acc_t* loss, scalar_t* G, int64_t r0, int64_t r1, acc_t* bq,
-                                                         acc_t* bp, RowError& err) {
-  dense_rows_body<DIV, GRAD>(P, S, T, valid, W, loss, G, r0, r1, bq, bp, err);
+                                                         acc_t* loss, scalar_t* G, int64_t r0, int64_t r1,
+                                                         const RowScratch<acc_t>& R, RowError& err) {
+  dense_rows_body<DIV, GRAD>(P, S, T, valid, W, loss, G, r0, r1, R, err);
 }
 
 template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
 void dense_rows_base(const RowParams<acc_t>& P, const scalar_t* S, const scalar_t* T, const bool* valid,
-                     const acc_t* W, acc_t* loss, scalar_t* G, int64_t r0, int64_t r1, acc_t* bq, acc_t* bp, RowError& err) {
-  dense_rows_body<DIV, GRAD>(P, S, T, valid, W, loss, G, r0, r1, bq, bp, err);
+                     const acc_t* W, acc_t* loss, scalar_t* G, int64_t r0, int64_t r1,
+                     const RowScratch<acc_t>& R, RowError& err) {
+  dense_rows_body<DIV, GRAD>(P, S, T, valid, W, loss, G, r0, r1, R, err);
 }
 
 template <int64_t DIV, bool GRAD, typename scalar_t>
@@ -71,13 +81,18 @@ void run_dense(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid
   acc_t* L = loss.mutable_data_ptr<acc_t>();
   scalar_t* G = GRAD ? grad.mutable_data_ptr<scalar_t>() : nullptr;
   RowError err;
-  const bool avx2 = cpu_has_avx2();
+  const Isa isa = cpu_isa();
   at::parallel_for(0, N, row_grain(V), [&](int64_t r0, int64_t r1) {
-    std::vector<acc_t> bq(V), bp(V);  // per-thread scratch rows (float32: exps, q, log m)
-    if (avx2)
-      dense_rows_avx2<DIV, GRAD>(P, S, T, vd, W, L, G, r0, r1, bq.data(), bp.data(), err);
+    // Per-thread scratch: the row's exps (student, teacher) and the running max of each chunk.
+    const int64_t nc = (V + CH - 1) / CH;
+    std::vector<acc_t> buf(2 * V + 2 * nc);
+    const RowScratch<acc_t> R{buf.data(), buf.data() + V, buf.data() + 2 * V, buf.data() + 2 * V + nc};
+    if (isa == Isa::kAvx512)
+      dense_rows_avx512<DIV, GRAD>(P, S, T, vd, W, L, G, r0, r1, R, err);
+    else if (isa == Isa::kAvx2)
+      dense_rows_avx2<DIV, GRAD>(P, S, T, vd, W, L, G, r0, r1, R, err);
     else
-      dense_rows_base<DIV, GRAD>(P, S, T, vd, W, L, G, r0, r1, bq.data(), bp.data(), err);
+      dense_rows_base<DIV, GRAD>(P, S, T, vd, W, L, G, r0, r1, R, err);
   });
   err.raise("student_logits", "teacher_logits");
 }
@@ -99,6 +114,7 @@ std::tuple<at::Tensor, at::Tensor> distill_dense_cpu(const at::Tensor& student_l
   const int64_t N = s.size(0), V = s.size(1);
   at::Tensor loss = at::empty({N}, s.options().dtype(loss_dtype(s.scalar_type())));
   at::Tensor grad = at::empty({compute_grad ? N : 0, compute_grad ? V : 0}, s.options());
+  advise_huge_pages(grad);
   const int64_t div = effective_divergence(divergence, beta);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "distill_dense_cpu", [&] {
     dispatch_div_grad(div, compute_grad, [&](auto DIVC, auto GRADC) {

@@ -1,13 +1,15 @@
-// CPU row kernels of the fused distillation divergence (dense teacher), included by distill.cpp.
-// A row is processed in three or four passes that stay in L2 after the first: (A) max of s and u,
-// (B) exp(s - max), exp(u - max) into two float scratch rows and their sums (the only exps),
-// (C) per-element loss terms (+ the gradient for forward KL), (D) the gradient for reverse KL / JSD,
-// which needs the row total from (C). Loops run over W independent lanes so that the compiler
-// vectorises them (float reductions are not reassociated otherwise).
+// CPU row kernels of the fused distillation divergence, included by distill.cpp (dense teacher) and
+// distill_topk.cpp (row_max / exp_row for the student). Loops run over W independent lanes so that the
+// compiler vectorises them (float reductions are not reassociated otherwise).
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <c10/macros/Macros.h>
 #include "common/distill_math.h"
@@ -68,59 +70,156 @@ C10_ALWAYS_INLINE acc_t exp_row(const scalar_t* x, acc_t* e, int64_t V, acc_t in
   return lanes_sum(s);
 }
 
-// Pass (C) for element j: loss term into Lacc (and K's term into Kacc for JSD); forward KL writes its
-// gradient, the others keep q (and lm) in the scratch rows for pass (D).
-template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
-C10_ALWAYS_INLINE void dense_elem_c(const RowParams<acc_t>& P, const scalar_t* z, const scalar_t* t,
-                                           scalar_t* g, acc_t* bq, acc_t* bp, int64_t j, acc_t lzs,
-                                           acc_t lzu, acc_t izs, acc_t izu, acc_t& Lacc, acc_t& Kacc) {
-  const acc_t it = P.inv_tau;
-  const acc_t q = bq[j] * izs, p = bp[j] * izu;
-  const acc_t lq = static_cast<acc_t>(z[j]) * it - lzs, lp = static_cast<acc_t>(t[j]) * it - lzu;
-  acc_t kt = 0, lm = 0;
-  Lacc += divergence_term<acc_t>(DIV, p, q, lp, lq, P.beta, P.log_beta, P.log_1mbeta, kt, lm);
-  if constexpr (DIV == kJSD) Kacc += kt;
-  if constexpr (GRAD) {
-    if constexpr (DIV == kForwardKL) {
-      g[j] = static_cast<scalar_t>((q - p) * P.grad_scale);
-    } else {
-      bq[j] = q;
-      if constexpr (DIV == kJSD) bp[j] = lm;
-    }
+// ---- dense rows: two passes (three for reverse KL / JSD with a gradient) over chunks of CH elements.
+// A chunk of bf16/fp16 logits is converted to float once per pass into an L1-resident buffer, so the
+// math loops below only ever see float (or double) and vectorise; float32/float64 rows are read in place.
+// No row-sized scratch: p and q are recomputed from the logits (two exps) instead of stored, which reads
+// the row twice instead of writing and re-reading two float rows (the cost at V = 128k is memory).
+constexpr int64_t CH = 4096;
+
+template <typename T, typename A>
+C10_ALWAYS_INLINE void to_acc(const T* x, A* out, int64_t n) {
+  if constexpr (std::is_same_v<T, A>) {
+    std::copy(x, x + n, out);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint16_t* b = reinterpret_cast<const uint16_t*>(x);  // bf16 = the high half of a float
+    for (int64_t i = 0; i < n; ++i) out[i] = bits_to_float(static_cast<int32_t>(uint32_t(b[i]) << 16));
+#ifdef __FLT16_MAX__
+  } else if constexpr (std::is_same_v<T, c10::Half>) {  // the compiler's half type: F16C where available
+    const _Float16* h = reinterpret_cast<const _Float16*>(x);
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(h[i]);
+#endif
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<A>(x[i]);
   }
 }
 
+template <typename A, typename T>
+C10_ALWAYS_INLINE void from_acc(const A* v, T* out, int64_t n) {
+  if constexpr (std::is_same_v<T, A>) {
+    std::copy(v, v + n, out);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    uint16_t* b = reinterpret_cast<uint16_t*>(out);
+    for (int64_t i = 0; i < n; ++i) {  // round to nearest even, NaN kept a (quiet) NaN, as c10 does
+      const uint32_t u = static_cast<uint32_t>(float_to_bits(v[i]));
+      const uint16_t r = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+      b[i] = v[i] != v[i] ? uint16_t(0x7FC0) : r;
+    }
+#ifdef __FLT16_MAX__
+  } else if constexpr (std::is_same_v<T, c10::Half>) {  // IEEE round to nearest even, like c10
+    _Float16* h = reinterpret_cast<_Float16*>(out);
+    for (int64_t i = 0; i < n; ++i) h[i] = static_cast<_Float16>(v[i]);
+#endif
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(v[i]);
+  }
+}
+
+// x[0, n) as acc_t: x itself when it already is, else converted into buf.
+template <typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE const acc_t* chunk_in(const scalar_t* x, int64_t n, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return x;
+  } else {
+    to_acc(x, buf, n);
+    return buf;
+  }
+}
+
+// Online log-sum-exp step over one chunk x[0, n): (m, s) = running max of x * it and sum of
+// exp(x * it - m). Writes e[j] = exp(x[j] * it - m) with the chunk's m (returned), so that a later pass
+// gets exp(x[j] * it - max) = e[j] * exp(m - max) without another exp per element. NaN anywhere makes s
+// NaN (sticky) and +inf makes it NaN through exp(inf - inf): the caller's s >= 1 test then flags the
+// row. A chunk seen while every entry so far is -inf stores zeros.
+template <typename acc_t>
+C10_ALWAYS_INLINE acc_t lse_chunk(const acc_t* x, int64_t n, acc_t it, acc_t& m, acc_t& s, acc_t* e) {
+  const acc_t cm = row_max<acc_t, acc_t>(x, n) * it;  // ignores NaN; the exps below catch it
+  if (cm > m) {
+    s *= fast_exp(m - cm);  // exp(-inf) = 0 for the first finite chunk
+    m = cm;
+  }
+  if (m == -std::numeric_limits<acc_t>::infinity()) {  // rare: no finite entry yet; only NaN matters
+    for (int64_t j = 0; j < n; ++j) {
+      if (x[j] != x[j]) s = std::numeric_limits<acc_t>::quiet_NaN();
+      e[j] = 0;
+    }
+    return m;
+  }
+  s += exp_row(x, e, n, it, m);
+  return m;
+}
+
+// Per-thread scratch of dense_row: the row's exps (student, teacher) and each chunk's running max.
+template <typename acc_t>
+struct RowScratch {
+  acc_t *es, *et, *cs, *ct;
+};
+
 // One row. Returns 0 on success, 1 if the student row is bad (NaN, +inf, all -inf), 2 if the teacher's.
+// Pass 1 (online, chunk by chunk): both log-sum-exps and every exp. Pass 2: loss terms from the stored
+// exps (forward KL writes its gradient; the others keep q, and log m for JSD). Pass 3 (reverse KL, JSD):
+// the gradient, which needs the row's total from pass 2. bf16/fp16 chunks are converted to float in an
+// L1 buffer first, so the math loops only see float and vectorise.
 template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
-C10_ALWAYS_INLINE int dense_row(const RowParams<acc_t>& P, const scalar_t* z, const scalar_t* t,
-                                       scalar_t* g, acc_t* bq, acc_t* bp, acc_t& loss) {
+C10_ALWAYS_INLINE int dense_row(const RowParams<acc_t>& P, const scalar_t* z, const scalar_t* t, scalar_t* g,
+                                const RowScratch<acc_t>& R, acc_t& loss) {
+  constexpr bool kConv = !std::is_same_v<scalar_t, acc_t>;
   const int64_t V = P.V;
-  const acc_t it = P.inv_tau, beta = P.beta;
-  // (A) + (B): both log-sum-exps.
-  const acc_t ms = row_max<scalar_t, acc_t>(z, V) * it;
-  const acc_t mu = row_max<scalar_t, acc_t>(t, V) * it;
-  const acc_t zs = exp_row(z, bq, V, it, ms);
-  const acc_t zu = exp_row(t, bp, V, it, mu);
+  const acc_t it = P.inv_tau, beta = P.beta, gs = P.grad_scale;
+  acc_t bz[kConv ? CH : 1], bt[kConv ? CH : 1], bg[kConv ? CH : 1];
+  acc_t ms = -std::numeric_limits<acc_t>::infinity(), mu = ms, zs = 0, zu = 0;
+  for (int64_t j0 = 0, c = 0; j0 < V; j0 += CH, ++c) {
+    const int64_t n = std::min(CH, V - j0);
+    R.cs[c] = lse_chunk(chunk_in(z + j0, n, bz), n, it, ms, zs, R.es + j0);
+    R.ct[c] = lse_chunk(chunk_in(t + j0, n, bt), n, it, mu, zu, R.et + j0);
+  }
   if (!(zs >= acc_t(1))) return 1;  // the max element contributes exactly 1; NaN fails the test
   if (!(zu >= acc_t(1))) return 2;
-  const acc_t lzs = ms + std::log(zs), lzu = mu + std::log(zu);
-  const acc_t izs = acc_t(1) / zs, izu = acc_t(1) / zu;
-  // (C): loss terms; forward KL writes its gradient here, the others keep q (and lm) for (D).
+  const acc_t lzs = ms + std::log(zs), lzu = mu + std::log(zu), izs = acc_t(1) / zs, izu = acc_t(1) / zu;
   acc_t L[W] = {}, K[W] = {};
-  int64_t j = 0;
-  for (; j + W <= V; j += W)
-    for (int64_t l = 0; l < W; ++l)
-      dense_elem_c<DIV, GRAD>(P, z, t, g, bq, bp, j + l, lzs, lzu, izs, izu, L[l], K[l]);
-  for (; j < V; ++j) dense_elem_c<DIV, GRAD>(P, z, t, g, bq, bp, j, lzs, lzu, izs, izu, L[0], K[0]);
+  for (int64_t j0 = 0, c = 0; j0 < V; j0 += CH, ++c) {
+    const int64_t n = std::min(CH, V - j0);
+    const acc_t* zc = chunk_in(z + j0, n, bz);
+    const acc_t* tc = chunk_in(t + j0, n, bt);
+    acc_t *es = R.es + j0, *et = R.et + j0;
+    const acc_t fs = fast_exp(R.cs[c] - ms) * izs, fu = fast_exp(R.ct[c] - mu) * izu;
+    acc_t* gc = nullptr;
+    if constexpr (GRAD && DIV == kForwardKL) {
+      if constexpr (kConv) gc = bg; else gc = g + j0;
+    }
+    auto elem = [&](int64_t j, int64_t l) {
+      const acc_t q = es[j] * fs, p = et[j] * fu;
+      const acc_t lq = zc[j] * it - lzs, lp = tc[j] * it - lzu;
+      acc_t kt = 0, lm = 0;
+      L[l] += divergence_term<acc_t>(DIV, p, q, lp, lq, beta, P.log_beta, P.log_1mbeta, kt, lm);
+      if constexpr (DIV == kJSD) K[l] += kt;
+      if constexpr (GRAD && DIV == kForwardKL) gc[j] = (q - p) * gs;
+      if constexpr (GRAD && DIV != kForwardKL) es[j] = q;
+      if constexpr (GRAD && DIV == kJSD) et[j] = lm;
+    };
+    int64_t j = 0;
+    for (; j + W <= n; j += W)
+      for (int64_t l = 0; l < W; ++l) elem(j + l, l);
+    for (; j < n; ++j) elem(j, 0);
+    if constexpr (GRAD && DIV == kForwardKL && kConv) from_acc(bg, g + j0, n);
+  }
   loss = lanes_sum(L);
   if constexpr (GRAD && DIV != kForwardKL) {
-    // (D): gradient with the row scalar (L for reverse KL, K = KL(q||m) for JSD).
-    const acc_t rs = DIV == kJSD ? lanes_sum(K) : loss;
-    for (int64_t i = 0; i < V; ++i) {
-      const acc_t lq = static_cast<acc_t>(z[i]) * it - lzs;
-      const acc_t lp = DIV == kReverseKL ? static_cast<acc_t>(t[i]) * it - lzu : acc_t(0);
-      const acc_t lm = DIV == kJSD ? bp[i] : acc_t(0);
-      g[i] = static_cast<scalar_t>(divergence_grad<acc_t>(DIV, acc_t(0), bq[i], lp, lq, lm, beta, rs) * P.grad_scale);
+    const acc_t rs = DIV == kJSD ? lanes_sum(K) : loss;  // L for reverse KL, K = KL(q||m) for JSD
+    for (int64_t j0 = 0; j0 < V; j0 += CH) {
+      const int64_t n = std::min(CH, V - j0);
+      const acc_t* zc = chunk_in(z + j0, n, bz);
+      const acc_t* tc = DIV == kReverseKL ? chunk_in(t + j0, n, bt) : nullptr;
+      const acc_t *es = R.es + j0, *et = R.et + j0;
+      acc_t* gc;
+      if constexpr (kConv) gc = bg; else gc = g + j0;
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t lq = zc[j] * it - lzs;
+        const acc_t lp = DIV == kReverseKL ? tc[j] * it - lzu : acc_t(0);
+        const acc_t lm = DIV == kJSD ? et[j] : acc_t(0);
+        gc[j] = divergence_grad<acc_t>(DIV, acc_t(0), es[j], lp, lq, lm, beta, rs) * gs;
+      }
+      if constexpr (kConv) from_acc(bg, g + j0, n);
     }
   }
   return 0;

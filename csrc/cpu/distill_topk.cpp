@@ -138,6 +138,7 @@ std::tuple<at::Tensor, at::Tensor> distill_topk_cpu(const at::Tensor& student_lo
   const int64_t N = s.size(0), V = s.size(1);
   at::Tensor loss = at::empty({N}, s.options().dtype(loss_dtype(s.scalar_type())));
   at::Tensor grad = at::empty({compute_grad ? N : 0, compute_grad ? V : 0}, s.options());
+  advise_huge_pages(grad);
   const int64_t div = effective_divergence(divergence, beta);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "distill_topk_cpu", [&] {
     run_topk<scalar_t>(s, lp, idx, v, loss, grad, div, beta, temperature, compute_grad);
