@@ -466,7 +466,16 @@ class MinibatchCKA:
     def reset(self):
         self.hxy = self.hxx = self.hyy = None
         self.batches, self.n = 0, 0
+        self._grams = None
         return self
+
+    def _gram_buffer(self, shape, dtype, device):
+        """The [L, b, b] Gram buffer, kept across updates of one batch size: a fresh one per batch
+        would fault in L b^2 new pages each time (a tenth of the update's time at L=24, b=1024 on CPU)."""
+        g = self._grams
+        if g is None or tuple(g.shape) != shape or g.dtype != dtype or g.device != device:
+            g = self._grams = torch.empty(shape, dtype=dtype, device=device)
+        return g
 
     @property
     def tokens(self) -> int:
@@ -484,9 +493,9 @@ class MinibatchCKA:
         dev = fx[0].device
         wdt = torch.float64 if all(t.dtype == torch.float64 for t in fx + fy) else torch.float32
         with torch.no_grad(), _no_tf32(dev):
-            grams = torch.empty(nx + len(fy), b, b, dtype=wdt, device=dev)
-            upper = b >= 256  # symmetric Grams from the upper block triangle: 3/4 of the GEMM flops
-            w = -(-b // 2)
+            grams = self._gram_buffer((nx + len(fy), b, b), wdt, dev)
+            upper = b >= 256  # symmetric Grams from the upper block triangle only
+            w = -(-b // (4 if b >= 512 else 2))  # 4 row blocks: 10/16 of the flops, 2: 3/4
             for i, (t, mu) in enumerate(zip(fx + fy, means)):
                 u = _shift(t.to(wdt), mu.to(wdt))[0]  # centring is not needed by U-centring; it conditions the Gram
                 if upper:

@@ -13,6 +13,7 @@
 
 #include "common/checks.h"
 #include "common/cka_math.h"
+#include "cpu/huge_pages.h"
 
 namespace sdft {
 namespace {
@@ -65,7 +66,8 @@ void cka_comoment_merge_cpu(const at::Tensor& acc, const at::Tensor& raw, const 
 
 // gram: L x b x b symmetric Gram matrices (float32 or float64); upper: only the upper triangles are valid
 // (Grams computed from the upper block triangle of GEMMs). Returns the full U-centred matrices, same dtype
-// (row sums and totals accumulated in float64).
+// (row sums and totals accumulated in float64). Rows are computed contiguously from the upper triangle
+// (the lower one, when upper, is then mirrored tile by tile, so no write strides across rows).
 at::Tensor cka_ucentre_cpu(const at::Tensor& gram, bool upper) {
   TORCH_CHECK(gram.dim() == 3 && gram.size(1) == gram.size(2), "gram: expected [L, b, b], got ", gram.sizes());
   TORCH_CHECK(gram.scalar_type() == at::kFloat || gram.scalar_type() == at::kDouble,
@@ -74,11 +76,12 @@ at::Tensor cka_ucentre_cpu(const at::Tensor& gram, bool upper) {
   TORCH_CHECK(b > 3, "gram: U-centring needs a batch of more than 3 samples, got ", b);
   auto g = gram.contiguous();
   auto out = at::empty_like(g);
+  advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cka_ucentre_cpu", [&] {
     const scalar_t* gp = g.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, nl, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<double> r(b);
+      std::vector<double> r(b), rs(b);
       for (int64_t l = lo; l < hi; ++l) {
         const scalar_t* k = gp + l * b * b;
         scalar_t* o = op + l * b * b;
@@ -100,14 +103,23 @@ at::Tensor cka_ucentre_cpu(const at::Tensor& gram, bool upper) {
         double total = 0.0;
         for (int64_t i = 0; i < b; ++i) total += r[i];
         const double n = static_cast<double>(b);
+        // cka::ucentre (csrc/common/cka_math.h) with r / (n - 2) hoisted out of the row loop: k - r_i/(n-2) - r_j/(n-2) + total/((n-1)(n-2)).
+        for (int64_t i = 0; i < b; ++i) rs[i] = r[i] / (n - 2.0);
+        const double c = total / ((n - 1.0) * (n - 2.0));
         for (int64_t i = 0; i < b; ++i) {
           const scalar_t* ki = k + i * b;
           scalar_t* oi = o + i * b;
-          for (int64_t j = upper ? i : 0; j < b; ++j) {
-            const auto v = static_cast<scalar_t>(cka::ucentre(static_cast<double>(ki[j]), r[i], r[j], total, n, i == j));
-            oi[j] = v;
-            if (upper) o[j * b + i] = v;  // U-centring keeps the symmetry
-          }
+          const double ci = c - rs[i];
+          for (int64_t j = upper ? i + 1 : 0; j < b; ++j)
+            oi[j] = static_cast<scalar_t>(static_cast<double>(ki[j]) + ci - rs[j]);
+          oi[i] = 0;  // the U-centred diagonal is zero
+        }
+        if (upper) {  // U-centring keeps the symmetry: lower = mirror of upper, in T x T tiles
+          constexpr int64_t T = 32;
+          for (int64_t i0 = 0; i0 < b; i0 += T)
+            for (int64_t j0 = i0; j0 < b; j0 += T)
+              for (int64_t i = i0; i < std::min(i0 + T, b); ++i)
+                for (int64_t j = std::max(j0, i + 1); j < std::min(j0 + T, b); ++j) o[j * b + i] = o[i * b + j];
         }
       }
     });

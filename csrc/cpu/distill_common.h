@@ -12,13 +12,11 @@
 #include <cstdlib>
 #include <string>
 #include <type_traits>
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 #include "common/checks.h"
 #include "common/distill_math.h"
 #include "cpu/distill_row.h"
+#include "cpu/huge_pages.h"
 
 namespace sdft::distill::cpu {
 
@@ -37,20 +35,6 @@ inline Isa cpu_isa() {
     return avx512 ? Isa::kAvx512 : (avx2 ? Isa::kAvx2 : Isa::kBase);
   }();
   return isa;
-}
-
-// A large output that the kernel writes once: ask Linux for transparent huge pages before the first
-// touch. Faulting in fresh 4 KiB pages is a large share of the op's time on big vocabularies (0.1 s per
-// 512 MiB measured on this project's VM, as long as the math); 2 MiB pages cut the faults 512-fold. Only
-// the 2 MiB-aligned interior is advised; with THP off (or on other systems) this does nothing.
-inline void advise_huge_pages(const at::Tensor& t) {
-#ifdef __linux__
-  const uintptr_t huge = uintptr_t(2) << 20;
-  if (t.nbytes() < 8 * huge) return;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t lo = (p + huge - 1) & ~(huge - 1), hi = (p + t.nbytes()) & ~(huge - 1);
-  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#endif
 }
 
 // Rows per parallel task: a few rows when V is small so that a task has >= ~32k elements of work.
