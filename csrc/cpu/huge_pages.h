@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <cstdlib>
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
@@ -16,7 +17,7 @@ namespace sdft {
 inline void advise_huge_pages(const at::Tensor& t) {
 #ifdef __linux__
   const uintptr_t huge = uintptr_t(2) << 20;
-  if (t.nbytes() < 8 * huge) return;
+  if (t.nbytes() < 8 * huge || std::getenv("SDFT_NO_THP")) return;
   const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t lo = (p + huge - 1) & ~(huge - 1), hi = (p + t.nbytes()) & ~(huge - 1);
   if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
