@@ -37,7 +37,8 @@ TORCH_LIBRARY(sdft_kernels, m) {
   // U-centring of a stack of Gram matrices [L, b, b] (zero diagonal; unbiased HSIC = <U(K),U(L)>/(b(b-3)));
   // upper=True: only the upper triangles of the Grams are valid (read mirrored); the output is full.
   m.def("cka_ucentre(Tensor gram, bool upper=False) -> Tensor");
-  // Tiled kernel-HSIC statistics of x [n, d], y [n, e]: (sums [3], row sums [2, n], diagonals [2, n]).
-  m.def("kernel_hsic_stats(Tensor x, Tensor y, int kernel, float gamma_x, float gamma_y, int tile) -> "
-        "(Tensor, Tensor, Tensor)");
+  // Tiled kernel-HSIC statistics of x [n, d], y [n, e]: (sums [3], row sums [2, n], diagonals [2, n]);
+  // shift_x [d] / shift_y [e] are subtracted from every row first (the column means; no copy on CPU).
+  m.def("kernel_hsic_stats(Tensor x, Tensor y, int kernel, float gamma_x, float gamma_y, int tile, "
+        "Tensor? shift_x=None, Tensor? shift_y=None) -> (Tensor, Tensor, Tensor)");
 }

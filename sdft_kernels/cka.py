@@ -629,20 +629,19 @@ def _kernel_inputs(x, y, kernel, sigma, tile, mask):
             if not s > 0:
                 raise ValueError(f"sigma: expected a positive RBF bandwidth, got {s}")
             gammas[i] = 1.0 / (2.0 * s * s)
-    # Centre (float64 mean): exact for both kernels' HSIC, and keeps dot products / distances well
-    # conditioned in float32 for activations with large means.
-    x = x - mx.to(x.dtype)
-    y = y - my.to(y.dtype)
-    return x.contiguous(), y.contiguous(), n, gammas, (tile or 256)
+    # Centred by the op (float64 means rounded to the working dtype, subtracted tile by tile): exact for
+    # both kernels' HSIC, and keeps dot products / distances well conditioned in float32 for activations
+    # with large means, without a centred copy of x and y.
+    return x.contiguous(), y.contiguous(), mx.to(x.dtype), my.to(y.dtype), n, gammas, (tile or 256)
 
 
 def _kernel_stats(x, y, kernel, sigma, unbiased, tile, mask):
-    x, y, n, (gx, gy), tile = _kernel_inputs(x, y, kernel, sigma, tile, mask)
+    x, y, sx, sy, n, (gx, gy), tile = _kernel_inputs(x, y, kernel, sigma, tile, mask)
     need = 3 if unbiased else 1
     if n <= need:
         raise ValueError(f"x: the {'unbiased' if unbiased else 'biased'} HSIC needs more than {need} tokens, got {n}")
     with torch.no_grad(), _no_tf32(x.device):
-        sums, rows, diag = _k.kernel_hsic_stats(x, y, kernel, gx, gy, tile)
+        sums, rows, diag = _k.kernel_hsic_stats(x, y, kernel, gx, gy, tile, sx, sy)
     sums, rows, diag = sums.cpu(), rows.cpu(), diag.cpu()
     if unbiased:  # zero the diagonals: K~ = K - diag(K)
         rows = rows - diag

@@ -41,6 +41,22 @@ def test_stats_op_matches_dense_grams():
     torch.library.opcheck(torch.ops.sdft_kernels.kernel_hsic_stats.default, (x, y, 1, 0.1, 0.3, 10))
 
 
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_stats_op_shift_equals_shifted_inputs(kernel):
+    """The op's row shift (applied tile by tile on CPU) equals shifting the inputs first, for tiles that
+    do and do not divide n; a shift of the wrong length is refused."""
+    x, y = _pair(n=45)
+    sx, sy = torch.linspace(-3, 3, x.shape[1], dtype=x.dtype), torch.linspace(1, 2, y.shape[1], dtype=y.dtype)
+    for tile in (7, 45):
+        got = kernel_hsic_stats(x, y, kernel, 0.1, 0.3, tile, sx, sy)
+        want = kernel_hsic_stats(x - sx, y - sy, kernel, 0.1, 0.3, tile)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(torch.ops.sdft_kernels.kernel_hsic_stats.default, (x, y, 1, 0.1, 0.3, 10, sx, sy))
+    with pytest.raises(RuntimeError, match="shift_y"):
+        kernel_hsic_stats(x, y, kernel, 0.1, 0.3, 10, sx, sy[:-1])
+
+
 def test_given_sigma_pair_and_median_heuristic():
     x, y = _pair(n=40)
     assert abs(kernel_cka(x, y, "rbf", sigma=(1.5, 0.7)) - R.kernel_cka(x, y, "rbf", sigma=(1.5, 0.7))) < 1e-12

@@ -52,12 +52,20 @@ void cka_comoment_merge_cpu(const at::Tensor& acc, const at::Tensor& raw, const 
   AT_DISPATCH_FLOATING_TYPES(raw.scalar_type(), "cka_comoment_merge_cpu", [&] {
     const scalar_t* b = raw.data_ptr<scalar_t>();
     at::parallel_for(0, dx, 16, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        double* ai = a + i * dy;
-        const scalar_t* bi = b + i * dy;
-        for (int64_t j = 0; j < dy; ++j) {
-          const scalar_t v = (upper && j < i) ? b[j * dy + i] : bi[j];  // lower triangle: mirror of upper
-          ai[j] = cka::chan_comoment(ai[j], static_cast<double>(v), rx[i], ry[j], n_b, ddx[i], ddy[j], w);
+      auto merge = [&](int64_t i, int64_t j, scalar_t v) {
+        double& aij = a[i * dy + j];
+        aij = cka::chan_comoment(aij, static_cast<double>(v), rx[i], ry[j], n_b, ddx[i], ddy[j], w);
+      };
+      // Blocks of 16 rows: the mirrored lower triangle (raw[j, i] for j < i) is read along raw's rows
+      // (16 contiguous values of row j per step), not down its columns.
+      for (int64_t i0 = lo; i0 < hi; i0 += 16) {
+        const int64_t i1 = std::min(i0 + 16, hi);
+        if (upper)
+          for (int64_t j = 0; j + 1 < i1; ++j)
+            for (int64_t i = std::max(i0, j + 1); i < i1; ++i) merge(i, j, b[j * dy + i]);
+        for (int64_t i = i0; i < i1; ++i) {
+          const scalar_t* bi = b + i * dy;
+          for (int64_t j = upper ? i : 0; j < dy; ++j) merge(i, j, bi[j]);
         }
       }
     });

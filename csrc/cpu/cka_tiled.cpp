@@ -14,10 +14,14 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/sub.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <optional>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -28,10 +32,16 @@
 namespace sdft {
 namespace {
 
+// Rows [r0, r0 + len) of x minus the shift (a tile-sized copy), or a view when there is no shift.
+at::Tensor shifted_rows(const at::Tensor& x, const at::Tensor& shift, int64_t r0, int64_t len) {
+  auto rows = x.narrow(0, r0, len);
+  return shift.defined() ? at::sub(rows, shift) : rows;
+}
+
 // One kernel tile: linear (dot products) or RBF exp(-gamma ||x_i - x_j||^2), from a GEMM on the tile.
-at::Tensor kernel_tile(const at::Tensor& x, const at::Tensor& nrm, int64_t i0, int64_t ti, int64_t j0,
-                       int64_t tj, int64_t kernel, double gamma) {
-  auto xi = x.narrow(0, i0, ti), xj = x.narrow(0, j0, tj);
+at::Tensor kernel_tile(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& nrm, int64_t i0,
+                       int64_t ti, int64_t j0, int64_t tj, int64_t kernel, double gamma) {
+  auto xi = shifted_rows(x, shift, i0, ti), xj = shifted_rows(x, shift, j0, tj);
   if (kernel == 0) return at::mm(xi, xj.t());
   // ||xi||^2 + ||xj||^2 - 2 xi.xj, clamped at 0 (rounding), exact zero on the true diagonal.
   auto d2 = at::addmm(at::add(nrm.narrow(0, i0, ti).unsqueeze(1), nrm.narrow(0, j0, tj).unsqueeze(0)), xi, xj.t(),
@@ -88,12 +98,36 @@ void reduce_tile(const scalar_t* k, const scalar_t* l, int64_t ti, int64_t tj, b
 
 }  // namespace
 
-// x: n x d, y: n x e (float32 or float64, same dtype, rows = tokens, ideally column-centred);
+// Squared norms of the shifted rows, a block of rows at a time (no shifted copy of x).
+at::Tensor shifted_sq_norms(const at::Tensor& x, const at::Tensor& shift) {
+  const int64_t n = x.size(0), block = 4096;
+  auto out = at::empty({n}, x.options());
+  for (int64_t r0 = 0; r0 < n; r0 += block) {
+    const int64_t len = std::min(block, n - r0);
+    auto u = shifted_rows(x, shift, r0, len);
+    out.narrow(0, r0, len).copy_(u.mul(u).sum(1));
+  }
+  return out;
+}
+
+void check_shift(const std::optional<at::Tensor>& s, const at::Tensor& x, const char* name) {
+  if (!s.has_value()) return;
+  TORCH_CHECK(s->dim() == 1 && s->size(0) == x.size(1) && s->scalar_type() == x.scalar_type(), name,
+              ": expected a ", x.scalar_type(), " vector of length ", x.size(1), ", got ", s->scalar_type(), " ",
+              s->sizes());
+  check_same_device(x, "x", *s, name);
+}
+
+// x: n x d, y: n x e (float32 or float64, same dtype, rows = tokens); shift_x [d], shift_y [e]: subtracted
+// from every row tile by tile (the column means: HSIC is unchanged, and float32 dot products and
+// distances of activations with large means stay well conditioned, without a centred copy of x and y);
 // kernel: 0 = linear, 1 = RBF with gamma_x = 1 / (2 sigma_x^2), gamma_y likewise; tile: tokens per tile.
 // Returns (sums [3], rows [2, n], diag [2, n]), all float64.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_hsic_stats_cpu(const at::Tensor& x, const at::Tensor& y,
                                                                      int64_t kernel, double gamma_x,
-                                                                     double gamma_y, int64_t tile) {
+                                                                     double gamma_y, int64_t tile,
+                                                                     const std::optional<at::Tensor>& shift_x,
+                                                                     const std::optional<at::Tensor>& shift_y) {
   check_dim(x, 2, "x");
   check_dim(y, 2, "y");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
@@ -108,11 +142,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_hsic_stats_cpu(const at::T
               gamma_x, ", ", gamma_y);
   const int64_t n = x.size(0);
   TORCH_CHECK(n >= 1, "x: expected at least one token");
+  check_shift(shift_x, x, "shift_x");
+  check_shift(shift_y, y, "shift_y");
   auto xc = x.contiguous(), yc = y.contiguous();
+  const at::Tensor sx = shift_x.has_value() ? *shift_x : at::Tensor(), sy = shift_y.has_value() ? *shift_y : at::Tensor();
   at::Tensor nx, ny;
   if (kernel == 1) {
-    nx = xc.mul(xc).sum(1);
-    ny = yc.mul(yc).sum(1);
+    nx = shifted_sq_norms(xc, sx);
+    ny = shifted_sq_norms(yc, sy);
   }
   const int64_t nt = (n + tile - 1) / tile;
   std::vector<std::pair<int64_t, int64_t>> pairs;
@@ -138,8 +175,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_hsic_stats_cpu(const at::T
       for (int64_t p = lo; p < hi; ++p) {
         const int64_t i0 = pairs[p].first * tile, j0 = pairs[p].second * tile;
         const int64_t ti = std::min(tile, n - i0), tj = std::min(tile, n - j0);
-        auto kt = kernel_tile(xc, nx, i0, ti, j0, tj, kernel, gamma_x).contiguous();
-        auto lt = kernel_tile(yc, ny, i0, ti, j0, tj, kernel, gamma_y).contiguous();
+        auto kt = kernel_tile(xc, sx, nx, i0, ti, j0, tj, kernel, gamma_x).contiguous();
+        auto lt = kernel_tile(yc, sy, ny, i0, ti, j0, tj, kernel, gamma_y).contiguous();
         reduce_tile<scalar_t>(kt.data_ptr<scalar_t>(), lt.data_ptr<scalar_t>(), ti, tj, i0 != j0, sums, rk + i0,
                               rl + i0, rk + j0, rl + j0, diag_p + i0, diag_p + n + i0);
       }

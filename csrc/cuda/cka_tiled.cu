@@ -7,6 +7,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/mul.h>
+#include <ATen/ops/sub.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -14,6 +15,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 #include "common/checks.h"
@@ -134,9 +136,13 @@ __global__ void __launch_bounds__(kThreads)
 // x: n x d, y: n x e (float32 or float64, same dtype, column-centred by the wrapper); kernel 0 linear,
 // 1 RBF with gamma = 1/(2 sigma^2); `tile` is the CPU tile and is ignored here (fixed kTile).
 // Returns (sums [3], rows [2, n], diag [2, n]), float64, like kernel_hsic_stats_cpu.
+// shift_x / shift_y: subtracted from the rows first (here as one shifted copy; the CPU kernel does it
+// tile by tile).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_hsic_stats_cuda(const at::Tensor& x, const at::Tensor& y,
                                                                       int64_t kernel, double gamma_x,
-                                                                      double gamma_y, int64_t tile) {
+                                                                      double gamma_y, int64_t tile,
+                                                                      const std::optional<at::Tensor>& shift_x,
+                                                                      const std::optional<at::Tensor>& shift_y) {
   check_dim(x, 2, "x");
   check_dim(y, 2, "y");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
@@ -153,7 +159,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_hsic_stats_cuda(const at::
   const int64_t nt = (n + kTile - 1) / kTile;
   TORCH_CHECK(nt <= 65535, "x: at most ", 65535 * kTile, " tokens on CUDA, got ", n);
   const c10::cuda::CUDAGuard guard(x.device());
-  auto xc = x.contiguous(), yc = y.contiguous();
+  for (const auto* s : {&shift_x, &shift_y})
+    TORCH_CHECK(!s->has_value() || ((*s)->dim() == 1 && (*s)->scalar_type() == x.scalar_type() &&
+                                    (*s)->device() == x.device()),
+                "shift_x/shift_y: expected a 1-d tensor of x's dtype on x's device");
+  TORCH_CHECK(!shift_x.has_value() || shift_x->size(0) == x.size(1), "shift_x: expected length ", x.size(1));
+  TORCH_CHECK(!shift_y.has_value() || shift_y->size(0) == y.size(1), "shift_y: expected length ", y.size(1));
+  auto xc = (shift_x.has_value() ? at::sub(x, *shift_x) : x).contiguous();
+  auto yc = (shift_y.has_value() ? at::sub(y, *shift_y) : y).contiguous();
   auto opts = x.options().dtype(at::kDouble);
   auto sums = at::zeros({3}, opts), rows = at::zeros({2, n}, opts), diag = at::zeros({2, n}, opts);
   auto nx = at::sum(at::mul(xc, xc), {1}).to(at::kFloat).contiguous();

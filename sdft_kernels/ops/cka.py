@@ -27,10 +27,12 @@ def ucentre(gram: torch.Tensor, upper: bool = False) -> torch.Tensor:
 
 
 def kernel_hsic_stats(x: torch.Tensor, y: torch.Tensor, kernel: str, gamma_x: float, gamma_y: float,
-                      tile: int):
+                      tile: int, shift_x: torch.Tensor | None = None, shift_y: torch.Tensor | None = None):
     """(sums [3] = (sum K*L, sum K*K, sum L*L), row sums [2, n], diagonals [2, n]), float64, of the kernel
-    Grams of x [n, d] and y [n, e], computed tile by tile (no n x n matrix)."""
-    return _ops.kernel_hsic_stats.default(x, y, KERNELS[kernel], float(gamma_x), float(gamma_y), int(tile))
+    Grams of x - shift_x [n, d] and y - shift_y [n, e], computed tile by tile (no n x n matrix; on CPU the
+    shift is applied per tile, so no shifted copy of x or y exists either)."""
+    return _ops.kernel_hsic_stats.default(x, y, KERNELS[kernel], float(gamma_x), float(gamma_y), int(tile),
+                                          shift_x, shift_y)
 
 
 @torch.library.register_fake("sdft_kernels::cka_ucentre")
@@ -39,7 +41,7 @@ def _ucentre_fake(gram, upper=False):
 
 
 @torch.library.register_fake("sdft_kernels::kernel_hsic_stats")
-def _stats_fake(x, y, kernel, gamma_x, gamma_y, tile):
+def _stats_fake(x, y, kernel, gamma_x, gamma_y, tile, shift_x=None, shift_y=None):
     n = x.shape[0]
     f64 = dict(dtype=torch.float64, device=x.device)
     return x.new_empty(3, **f64), x.new_empty(2, n, **f64), x.new_empty(2, n, **f64)
