@@ -3,7 +3,8 @@ before any work, then applied through the degrade package.
 
     forget:STEPS            SFT on the shipped narrow task for STEPS steps (catastrophic forgetting)
     rtn:BITS[:gG][:asym]    round-to-nearest weight quantization, BITS in {2,3,4,8}, group size G
-    gptq:BITS[:gG][:asym]   GPTQ with calibration text
+    gptq:BITS[:gG][:asym][:act]  GPTQ with calibration text (act: columns in order of decreasing Hessian
+                            diagonal, with static groups)
     blocks:N                remove N decoder blocks chosen by angular distance (Gromov et al.)
     magnitude:S, wanda:S    unstructured pruning at sparsity S in (0, 1)
     magnitude2:4, wanda2:4  2:4 semi-structured pruning
@@ -66,8 +67,11 @@ def parse_spec(text: str, n_layers: int | None = None) -> Spec:
                 opts["symmetric"] = False
             elif p.startswith("g") and p[1:].isdigit() and int(p[1:]) > 0:
                 opts["group_size"] = int(p[1:])
+            elif p == "act" and kind == "gptq":
+                opts["act_order"] = True
             else:
-                raise ValueError(f"degradation spec {text!r}: unknown option {p!r} (expected gSIZE or asym)")
+                expected = "gSIZE, asym or act" if kind == "gptq" else "gSIZE or asym"
+                raise ValueError(f"degradation spec {text!r}: unknown option {p!r} (expected {expected})")
     elif parts[1:]:
         raise ValueError(f"degradation spec {text!r}: unexpected options {parts[1:]}")
     if kind == "forget" and (value < 1 or value != int(value)):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sdft_kernels.degrade.gptq import HessianStats, gptq_quantize_weight
+from sdft_kernels.degrade.gptq import HessianStats, gptq_quantize_weight, proxy_loss
 from sdft_kernels.degrade.quantize import QuantLinear, group_params, quantize_gptq, quantize_rtn, quantized_layers
 
 
@@ -193,6 +193,43 @@ def test_gptq_matches_reference_and_beats_rtn_on_correlated_inputs():
         err_g = (X @ (W - Q).t()).norm()
         err_r = (X @ (W - rtn).t()).norm()
         assert err_g < 0.6 * err_r, (float(err_g), float(err_r))
+
+
+def naive_gptq_act_order(W, H, bits, g, sym, damp=0.01):
+    """Reference for act_order: static grids from the original weights' contiguous groups, then the OBQ
+    update visiting the columns by decreasing Hessian diagonal."""
+    n = W.shape[1]
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+    Hp = H.double()[perm][:, perm]
+    Hinv = torch.linalg.inv(Hp + damp * Hp.diagonal().mean() * torch.eye(n, dtype=torch.float64))
+    grids = [tuple(t.double() for t in group_params(W[:, j:j + g], bits, sym)) for j in range(0, n, g)]
+    Wp = W.double()[:, perm].clone()
+    Q = torch.zeros_like(Wp)
+    maxq = 2 ** bits - 2 if sym else 2 ** bits - 1
+    for i in range(n):
+        s, z = grids[int(perm[i]) // g]
+        Q[:, i] = (torch.clamp(torch.round(Wp[:, i] / s) + z, 0, maxq) - z) * s
+        err = (Wp[:, i] - Q[:, i]) / Hinv[i, i]
+        Wp[:, i:] -= err[:, None] * Hinv[i, i:][None, :]
+        Hinv = Hinv - Hinv[:, i:i + 1] @ Hinv[i:i + 1, :] / Hinv[i, i]
+    return Q[:, torch.argsort(perm)].float()
+
+
+def test_gptq_act_order_matches_reference_stays_on_grid_and_beats_rtn():
+    torch.manual_seed(1)
+    n_in, n_out = 64, 40
+    A = torch.randn(n_in, n_in) * torch.logspace(0, -2, n_in)[None, :]  # correlated inputs, as above
+    scale = torch.logspace(0, -1, n_in)[torch.randperm(n_in)]  # input energy in no particular column order
+    X = (torch.randn(512, n_in) @ A.t() + 0.05 * torch.randn(512, n_in)) * scale[None, :]
+    W = torch.randn(n_out, n_in) * 0.05
+    st = HessianStats(n_in, "cpu")
+    st.add(X)
+    for sym in (True, False):
+        Q, sc, zr = gptq_quantize_weight(W, st.H, 3, 16, sym, block_size=24, act_order=True)
+        assert torch.equal(Q, naive_gptq_act_order(W, st.H, 3, 16, sym))
+        assert torch.equal(QuantLinear(Q.clone(), None, 3, 16, sym, sc, zr).quantized_weight(), Q)
+        rtn = QuantLinear(W.clone(), None, 3, 16, sym).quantized_weight()
+        assert proxy_loss(W, Q, st.H) < 0.6 * proxy_loss(W, rtn, st.H)
 
 
 def test_gptq_model_layer_outputs_beat_rtn():

@@ -57,9 +57,12 @@ def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size, symmetric: bool,
-                         damp: float = 0.01, block_size: int = 128):
+                         damp: float = 0.01, block_size: int = 128, act_order: bool = False):
     """GPTQ for one weight W [out, in] with Hessian H [in, in].
-    Returns (dequantised weight float32 [out, in], scales [out, G], zeros [out, G])."""
+    act_order: visit the columns in order of decreasing H diagonal (the inputs with the most energy
+    first, while the most columns are left to absorb their error), with static groups: each contiguous
+    group's grid is fixed from the original weights beforehand, so the result keeps QuantLinear's
+    contiguous group layout. Returns (dequantised weight float32 [out, in], scales [out, G], zeros [out, G])."""
     # The column loop issues many tiny ops; on CPU, thread start-up costs more than it saves for
     # small layers, so such layers run single-threaded.
     small_cpu = W.device.type == "cpu" and W.shape[0] * min(block_size, W.shape[1]) < (1 << 18)
@@ -67,25 +70,32 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size
     if small_cpu:
         torch.set_num_threads(1)
     try:
-        return _gptq(W, H, bits, group_size, symmetric, damp, block_size)
+        return _gptq(W, H, bits, group_size, symmetric, damp, block_size, act_order)
     finally:
         if small_cpu:
             torch.set_num_threads(threads)
 
 
-def _gptq(W, H, bits, group_size, symmetric, damp, block_size):
+def _gptq(W, H, bits, group_size, symmetric, damp, block_size, act_order=False):
     W = W.detach().double().clone()
     rows, cols = W.shape
     H = H.double().clone()
     dead = H.diagonal() == 0  # inputs that were always zero: the weight there does not matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    U = _inverse_hessian_factor(H, damp)
     g = effective_group(group_size, cols)
     n_groups = math.ceil(cols / g)
     maxq = max_code(bits, symmetric)
     scales = torch.zeros(rows, n_groups, dtype=torch.float32, device=W.device)
     zeros = torch.zeros_like(scales)
+    perm = None
+    if act_order:
+        for j in range(n_groups):  # static grids, from the weights before any error update
+            scales[:, j], zeros[:, j] = group_params(W[:, j * g:(j + 1) * g], bits, symmetric)
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+        group_of = (perm // g).tolist()  # permuted column -> its (original, contiguous) group
+    U = _inverse_hessian_factor(H, damp)
     Q = torch.zeros_like(W)
     s = z = None
     for i1 in range(0, cols, block_size):
@@ -96,7 +106,9 @@ def _gptq(W, H, bits, group_size, symmetric, damp, block_size):
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             c = i1 + i
-            if c % g == 0:
+            if act_order:
+                s, z = scales[:, group_of[c]].double(), zeros[:, group_of[c]].double()
+            elif c % g == 0:
                 # The group's grid is set from its current, error-updated values: columns inside this
                 # block from W1, later columns from W plus this block's pending (lazy) updates.
                 gend = min(c + g, cols)
@@ -117,6 +129,8 @@ def _gptq(W, H, bits, group_size, symmetric, damp, block_size):
         Q[:, i1:i2] = Q1
         if i2 < cols:
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy batch update of the remaining columns
+    if act_order:
+        Q = Q[:, torch.argsort(perm)]
     return Q.float(), scales, zeros
 
 
@@ -127,13 +141,17 @@ def proxy_loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
 
 
 def quantize_gptq(model: nn.Module, calib_ids: torch.Tensor, bits: int, group_size: int | None = 128,
-                  symmetric: bool = True, *, damp: float = 0.01, block_size: int = 128, batch_size: int = 8):
+                  symmetric: bool = True, *, damp: float = 0.01, block_size: int = 128, batch_size: int = 8,
+                  act_order: bool = False):
     """GPTQ weight quantization of every nn.Linear in the decoder blocks, calibrated on calib_ids
-    (LongTensor [n, T]). Returns (quantized copy, record); the layers are QuantLinear modules."""
+    (LongTensor [n, T]); act_order: see gptq_quantize_weight. Returns (quantized copy, record); the
+    layers are QuantLinear modules."""
     check_spec(bits, group_size, symmetric)
     calib_ids = check_calib(calib_ids)
     if not (isinstance(damp, (int, float)) and damp > 0):
         raise ValueError(f"damp: expected a positive float, got {damp!r}")
+    if not isinstance(act_order, bool):
+        raise ValueError(f"act_order: expected a bool, got {act_order!r}")
     for name, v in (("block_size", block_size), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
@@ -149,7 +167,7 @@ def quantize_gptq(model: nn.Module, calib_ids: torch.Tensor, bits: int, group_si
             W0 = lin.weight.detach()
             if not bool(torch.isfinite(st.H).all()):
                 raise FloatingPointError(f"quantize_gptq: NaN/Inf calibration activations at the input of {name}")
-            Q, sc, zr = gptq_quantize_weight(W0, st.H, bits, group_size, symmetric, damp, block_size)
+            Q, sc, zr = gptq_quantize_weight(W0, st.H, bits, group_size, symmetric, damp, block_size, act_order)
             s_rtn, z_rtn = rtn_params(W0, bits, group_size, symmetric)
             ql_rtn = QuantLinear(W0.clone(), None, bits, group_size, symmetric, s_rtn, z_rtn)
             ql = QuantLinear(Q.to(W0.dtype), lin.bias, bits, group_size, symmetric, sc, zr)
@@ -167,7 +185,7 @@ def quantize_gptq(model: nn.Module, calib_ids: torch.Tensor, bits: int, group_si
     for entry in acc["layers"]:
         entry.update(per_layer[entry["name"]])
     params = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "damp": damp,
-              "block_size": block_size, "include_lm_head": False}
+              "block_size": block_size, "act_order": act_order, "include_lm_head": False}
     calib = {"sequences": int(calib_ids.shape[0]), "tokens": int(calib_ids.numel()),
              "order": "sequential over decoder blocks"}
     return new, record("quantize_gptq", params, identity_map(new), calibration=calib, **acc)
