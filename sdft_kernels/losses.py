@@ -24,7 +24,7 @@ from torch import nn
 from .ops.distill import check_options, distill_loss
 from .ops.fused_linear import fused_linear_distill_loss
 
-__all__ = ["DistillationLoss"]
+__all__ = ["DistillationLoss", "chunked_cross_entropy"]
 
 
 class DistillationLoss(nn.Module):
@@ -79,3 +79,32 @@ def _weight_bias(name, head):
     if isinstance(head, nn.Module) and isinstance(getattr(head, "weight", None), torch.Tensor):
         return head.weight, getattr(head, "bias", None)
     raise TypeError(f"{name}: expected an nn.Linear-like module (with .weight [V, H]) or a weight tensor")
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, *,
+                          ignore_index: int = -100, chunk_size: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of head(hidden) [N, V] against targets [N], a chunk of tokens at a time.
+
+    Each chunk's logits are recomputed in backward (activation checkpointing), so at most one chunk of
+    logits exists at any time, in forward or backward: the memory of the full N x V logits (and their
+    float32 copy and gradient) is never needed. hidden [N, d]; head: any module mapping [C, d] -> [C, V]
+    (an lm_head, a QuantLinear, a LoRA-wrapped Linear); chunk_size: tokens per chunk, default from the same
+    256 MiB budget as fused_linear_distill_loss. Costs one extra head matmul per chunk in backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    from .ops.fused_linear import _chunk_rows
+
+    if hidden.dim() != 2 or targets.dim() != 1 or targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"targets: expected shape [{hidden.shape[0]}] for hidden of shape "
+                         f"{list(hidden.shape)} ([N, d]), got {list(targets.shape)}")
+    vocab = head.weight.shape[0] if hasattr(head, "weight") else None
+    chunk = _chunk_rows(hidden.shape[0], vocab or 1, 4, chunk_size)
+
+    def piece(h, t):
+        return nn.functional.cross_entropy(head(h).float(), t, ignore_index=ignore_index, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for c0 in range(0, hidden.shape[0], chunk):
+        h, t = hidden[c0:c0 + chunk], targets[c0:c0 + chunk]
+        total = total + (checkpoint(piece, h, t, use_reentrant=False) if torch.is_grad_enabled() else piece(h, t))
+    return total

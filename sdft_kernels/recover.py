@@ -20,7 +20,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import io as sio
 from .align import align, check_layer_map, unwrap, _layers
@@ -118,10 +117,11 @@ class SDFTObjective(torch.nn.Module):
             beta=cfg.beta, temperature=cfg.temperature, scale_by_t2=cfg.temperature != 1.0,
             chunk_size=cfg.chunk_size, reduction="sum")
         if cfg.ce_weight > 0:
-            # CE mixing materialises the student's logits; the default (ce_weight=0) never does.
-            logits = head(h[:, :-1])
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-                                 reduction="sum")
+            # Next-token CE through the student's head a chunk at a time (recomputed in backward), so
+            # CE mixing does not bring back the N x V logits that the fused divergence avoids.
+            from .losses import chunked_cross_entropy
+            ce = chunked_cross_entropy(h[:, :-1].reshape(-1, h.shape[-1]), head, ids[:, 1:].reshape(-1),
+                                       chunk_size=cfg.chunk_size)
         else:
             ce = h.new_zeros(())
         return kd, ce

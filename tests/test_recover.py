@@ -158,3 +158,24 @@ def test_selfdata_end_to_end_on_tiny_model(setup):
     student = copy.deepcopy(teacher)
     losses = finetune(student, tok, exs, responses, SFTConfig(steps=4, batch_size=4, lr=3e-3))
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 7, 64])
+def test_chunked_cross_entropy_equals_full_logits(chunk):
+    """Value and gradients (hidden and head weight) equal plain cross-entropy on the full logits, for
+    chunks that do and do not divide N, with ignored targets."""
+    from sdft_kernels.losses import chunked_cross_entropy
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 37, bias=True).double()
+    h = torch.randn(23, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    tgt = torch.randint(0, 37, (23,), generator=g)
+    tgt[[2, 9]] = -100
+    got = chunked_cross_entropy(h, head, tgt, chunk_size=chunk)
+    gh, gw = torch.autograd.grad(got, (h, head.weight))
+    want = torch.nn.functional.cross_entropy(head(h), tgt, reduction="sum")
+    wh, ww = torch.autograd.grad(want, (h, head.weight))
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)  # summed in float32
+    torch.testing.assert_close(gh, wh, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gw, ww, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="targets"):
+        chunked_cross_entropy(h, head, tgt[:-1])
