@@ -38,7 +38,7 @@ class StudyConfig:
     calib_blocks: int = 8
     train_blocks: int = 512
     recover: RecoverConfig = field(default_factory=lambda: RecoverConfig(
-        steps=30, batch_size=4, lr=3e-4, warmup_steps=3, checkpoint_every=10, align_blocks=1))
+        steps=120, batch_size=4, lr=3e-4, warmup_steps=6, checkpoint_every=20, align_blocks=1))
     seed: int = 0
     quick: bool = False
 
