@@ -122,15 +122,17 @@ def _shift(x, s):
     return u, s.double() + r, r
 
 
-def _self_moment(u, blocks=4):
+def _self_moment(u, blocks=4, out=None):
     """(m, upper): u^T u from the upper block triangle of GEMMs only (the result is symmetric), about
     10/16 of a full GEMM's flops with 4 column blocks. upper=True means only m's upper triangle is valid
-    (the lower blocks stay zero; the merge op reads them mirrored). Narrow layers use one full GEMM."""
+    (the rest of `out`, if given, is left as it was; the merge op reads the upper triangle mirrored).
+    Narrow layers use one full GEMM."""
     d = u.shape[1]
+    if out is None:
+        out = torch.empty(d, d, dtype=u.dtype, device=u.device)
     if d < 256:
-        return torch.mm(u.T, u), False
+        return torch.mm(u.T, u, out=out), False
     w = -(-d // blocks)
-    out = torch.zeros(d, d, dtype=u.dtype, device=u.device)
     for i in range(0, d, w):
         torch.mm(u[:, i:i + w].T, u[:, i:], out=out[i:i + w, i:])  # written in place (row stride d)
     return out, True
@@ -202,6 +204,7 @@ class LinearCKA:
         self.widths = None  # {"x": [d_i], "y": [d_j]}
         self.n = 0.0
         self.mean, self.mom, self.ext = {}, {}, {}
+        self._raw_bufs = {}  # scratch for one batch's co-moment products, reused (not part of the state)
         return self
 
     @property
@@ -238,15 +241,14 @@ class LinearCKA:
             u, mean, r = {}, {}, {}
             for a in layers:
                 u[a], mean[a], r[a] = _shift(feats[a], fmean[a])
-            raw, upper = {}, set()
-            for k in moms:
+            # Each co-moment is formed just before it is merged, into one reused buffer per shape: one
+            # d x d product alive at a time, and no fresh pages to fault in per product and batch.
+            def raw(k):
                 a, b = k.split("|")
+                buf = self._raw_buffer((self._width(a), self._width(b)), u[a].dtype, u[a].device)
                 if a == b:
-                    raw[k], up = _self_moment(u[a])
-                    if up:
-                        upper.add(k)
-                else:
-                    raw[k] = torch.mm(u[a].T, u[b])
+                    return _self_moment(u[a], out=buf)
+                return torch.mm(u[a].T, u[b], out=buf), False
             ext = tr = None
             if self.debiased:
                 uc = {a: u[a].double() - r[a] for a in layers}
@@ -257,13 +259,20 @@ class LinearCKA:
                     a, b = k.split("|")
                     ext[k] = (sq[a] @ sq[b], uc[b].T @ sq[a], uc[a].T @ sq[b])
                 del uc, sq
-            self._merge(float(n), mean, raw, r, ext, tr, upper)
+            self._merge(float(n), mean, raw, r, ext, tr)
         return self
 
-    def _merge(self, n_q, mean_q, mom_q, r_q, ext_q, tr_q, upper_q=()):
-        """Merge a part (n_q tokens; float64 means; co-moments `mom_q` about the shifts whose residuals are
-        r_q, None = exactly centred; keys in upper_q hold only their upper triangle; debiasing statistics
-        ext_q with its traces tr_q) into self."""
+    def _raw_buffer(self, shape, dtype, device):
+        key = (shape, dtype, device)
+        if key not in self._raw_bufs:
+            self._raw_bufs[key] = torch.empty(shape, dtype=dtype, device=device)
+        return self._raw_bufs[key]
+
+    def _merge(self, n_q, mean_q, mom_q, r_q, ext_q, tr_q):
+        """Merge a part (n_q tokens; float64 means; co-moments about the shifts whose residuals are r_q,
+        None = exactly centred; debiasing statistics ext_q with its traces tr_q) into self. mom_q(k) returns
+        (co-moment of key k, upper) with upper=True when only its upper triangle holds values; it is
+        called once per key, in order, and the result is used before the next call."""
         layers, moms = self._keys()
         n_p = self.n
         n = n_p + n_q
@@ -276,14 +285,17 @@ class LinearCKA:
                 self.mom[k] = torch.zeros(self._width(a), self._width(b), dtype=torch.float64, device=dev)
         new_mean = {a: mean_q[a] if n_p == 0 else self.mean[a] + (n_q / n) * (mean_q[a] - self.mean[a])
                     for a in layers}
-        if self.debiased:
+        if self.debiased:  # traces of the accumulated self-moments, before any of them is updated
             zero = torch.zeros((), dtype=torch.float64, device=dev)
             tr_p = {a: torch.diagonal(self.mom[f"{a}|{a}"]).sum() for a in layers}
             new_ext = {}
-            for k in moms:
-                a, b = k.split("|")
-                cq = mom_q[k].double()
-                if k in upper_q:
+        w = n_p * n_q / n
+        for k in moms:
+            a, b = k.split("|")
+            raw, upper = mom_q(k)
+            if self.debiased:
+                cq = raw.double()
+                if upper:
                     cq = torch.triu(cq) + torch.triu(cq, 1).T
                 if r_q is not None:
                     cq = cq - n_q * torch.outer(r_q[a], r_q[b])
@@ -291,20 +303,18 @@ class LinearCKA:
                                    mean_q[b] - new_mean[b])
                 if n_p == 0:
                     new_ext[k] = sq
-                else:
+                else:  # self.mom[k] is still the accumulated part's co-moment here
                     sp = _shift_extras(*self.ext[k], self.mom[k], tr_p[a], tr_p[b], n_p,
                                        self.mean[a] - new_mean[a], self.mean[b] - new_mean[b])
                     new_ext[k] = tuple(p + q for p, q in zip(sp, sq))
                 new_ext[k] = (new_ext[k][0] + zero, *new_ext[k][1:])
-            self.ext = new_ext
-        w = n_p * n_q / n
-        for k in moms:
-            a, b = k.split("|")
             rx = r_q[a] if r_q is not None else torch.zeros_like(mean_q[a])
             ry = r_q[b] if r_q is not None else torch.zeros_like(mean_q[b])
-            raw = mom_q[k] if mom_q[k].dtype in (torch.float32, torch.float64) else mom_q[k].float()
+            raw = raw if raw.dtype in (torch.float32, torch.float64) else raw.float()
             _k.comoment_merge_(self.mom[k], raw.contiguous(), rx, ry, n_q, self.mean[a] - mean_q[a],
-                               self.mean[b] - mean_q[b], w, k in upper_q)
+                               self.mean[b] - mean_q[b], w, upper)
+        if self.debiased:
+            self.ext = new_ext
         self.mean = new_mean
         self.n = n
 
@@ -371,7 +381,8 @@ class LinearCKA:
         if self.widths is None:
             self.pairs, self.widths = list(other.pairs), other.widths
         tr = ({a: torch.diagonal(other.mom[f"{a}|{a}"]).sum() for a in other.mean} if self.debiased else None)
-        self._merge(other.n, other.mean, other.mom, None, other.ext if self.debiased else None, tr)
+        self._merge(other.n, other.mean, lambda k: (other.mom[k], False), None,
+                    other.ext if self.debiased else None, tr)
         return self
 
     def _flat(self):
