@@ -121,3 +121,7 @@ def test_cuda_tiled_matches_cpu(kernel):
     for unbiased in (False, True):
         ref = R.kernel_cka(x, y, kernel, unbiased=unbiased)
         assert abs(kernel_cka(x.cuda(), y.cuda(), kernel, unbiased=unbiased) - ref) < 1e-5
+    sx, sy = x.mean(0), y.mean(0)  # the op's row shifts: CUDA subtracts them up front, CPU per tile
+    got = kernel_hsic_stats(x.cuda(), y.cuda(), kernel, 0.01, 0.02, 128, sx.cuda(), sy.cuda())
+    for g, w in zip(got, kernel_hsic_stats(x, y, kernel, 0.01, 0.02, 128, sx, sy)):
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-5)

@@ -1,7 +1,7 @@
 // CPU kernel of sdft_kernels::distill_dense: per-row fused distillation divergence and its gradient
 // with respect to the student logits, in one call (see csrc/common/distill_math.h for the formulas
 // and csrc/cpu/distill_row.h for the passes over a row). Rows run in parallel (at::parallel_for); the
-// row loops are compiled twice, for AVX2+FMA and for the baseline ISA, and picked at run time.
+// row loops are compiled for AVX-512, AVX2+FMA (x86 only) and the baseline ISA, and picked at run time.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -44,9 +44,16 @@ C10_ALWAYS_INLINE void dense_rows_body(const RowParams<acc_t>& P, const scalar_t
   }
 }
 
+#if SDFT_X86_CLONES
+// GCC widens the loops to 512 bits only when asked; clang takes no such target option.
+#if defined(__clang__)
+#define SDFT_AVX512_TARGET "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c"
+#else
+#define SDFT_AVX512_TARGET "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,prefer-vector-width=512"
+#endif
 // AVX-512 (Zen 4/5, Ice Lake and later): one 16-float register per W lanes; f16c converts fp16 chunks.
 template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
-__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,prefer-vector-width=512"))) void
+__attribute__((target(SDFT_AVX512_TARGET))) void
 dense_rows_avx512(const RowParams<acc_t>& P, const scalar_t* S, const scalar_t* T, const bool* valid,
                   const acc_t* W, acc_t* loss, scalar_t* G, int64_t r0, int64_t r1, const RowScratch<acc_t>& R,
                   RowError& err) {
@@ -60,6 +67,8 @@ __attribute__((target("avx2,fma,f16c"))) void dense_rows_avx2(const RowParams<ac
                                                          const RowScratch<acc_t>& R, RowError& err) {
   dense_rows_body<DIV, GRAD>(P, S, T, valid, W, loss, G, r0, r1, R, err);
 }
+
+#endif  // SDFT_X86_CLONES
 
 template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
 void dense_rows_base(const RowParams<acc_t>& P, const scalar_t* S, const scalar_t* T, const bool* valid,
@@ -87,11 +96,13 @@ void run_dense(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid
     const int64_t nc = (V + CH - 1) / CH;
     std::vector<acc_t> buf(2 * V + 2 * nc);
     const RowScratch<acc_t> R{buf.data(), buf.data() + V, buf.data() + 2 * V, buf.data() + 2 * V + nc};
+#if SDFT_X86_CLONES
     if (isa == Isa::kAvx512)
       dense_rows_avx512<DIV, GRAD>(P, S, T, vd, W, L, G, r0, r1, R, err);
     else if (isa == Isa::kAvx2)
       dense_rows_avx2<DIV, GRAD>(P, S, T, vd, W, L, G, r0, r1, R, err);
     else
+#endif
       dense_rows_base<DIV, GRAD>(P, S, T, vd, W, L, G, r0, r1, R, err);
   });
   err.raise("student_logits", "teacher_logits");

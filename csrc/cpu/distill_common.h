@@ -21,13 +21,23 @@
 namespace sdft::distill::cpu {
 
 // The widest instruction set the row loops were compiled for that this CPU runs (checked once).
-// SDFT_CPU_ISA=base|avx2 caps it, so that the tests can run every variant on one machine.
+// SDFT_CPU_ISA=base|avx2 caps it, so that the tests can run every variant on one machine. Only x86
+// builds have the AVX clones (SDFT_X86_CLONES); elsewhere the baseline loops are the only ones.
+#if defined(__x86_64__) || defined(__i386__)
+#define SDFT_X86_CLONES 1
+#else
+#define SDFT_X86_CLONES 0
+#endif
 enum class Isa { kBase, kAvx2, kAvx512 };
 inline Isa cpu_isa() {
   static const Isa isa = [] {
+#if SDFT_X86_CLONES
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#else
+    const bool avx2 = false, avx512 = false;
+#endif
     const char* cap = std::getenv("SDFT_CPU_ISA");
     const std::string want = cap ? cap : "";
     if (want == "base") return Isa::kBase;
