@@ -71,11 +71,11 @@ C10_ALWAYS_INLINE acc_t exp_row(const scalar_t* x, acc_t* e, int64_t V, acc_t in
 }
 
 // ---- dense rows: two passes (three for reverse KL / JSD with a gradient) over chunks of CH elements.
-// A chunk of bf16/fp16 logits is converted to float once per pass into an L1-resident buffer, so the
+// A chunk of bf16/fp16 logits is converted to float once per pass into a small cached buffer, so the
 // math loops below only ever see float (or double) and vectorise; float32/float64 rows are read in place.
-// No row-sized scratch: p and q are recomputed from the logits (two exps) instead of stored, which reads
-// the row twice instead of writing and re-reading two float rows (the cost at V = 128k is memory).
-constexpr int64_t CH = 4096;
+// The first pass is an online log-sum-exp that also stores every exp (relative to the running max of its
+// chunk) in a per-thread row of scratch: two exps per element in all, and no separate max pass.
+constexpr int64_t CH = 4096;  // tests/test_distill.py builds rows over several chunks from this value
 
 template <typename T, typename A>
 C10_ALWAYS_INLINE void to_acc(const T* x, A* out, int64_t n) {
@@ -158,8 +158,8 @@ struct RowScratch {
 // One row. Returns 0 on success, 1 if the student row is bad (NaN, +inf, all -inf), 2 if the teacher's.
 // Pass 1 (online, chunk by chunk): both log-sum-exps and every exp. Pass 2: loss terms from the stored
 // exps (forward KL writes its gradient; the others keep q, and log m for JSD). Pass 3 (reverse KL, JSD):
-// the gradient, which needs the row's total from pass 2. bf16/fp16 chunks are converted to float in an
-// L1 buffer first, so the math loops only see float and vectorise.
+// the gradient, which needs the row's total from pass 2. bf16/fp16 chunks are converted to float in a
+// cached buffer first, so the math loops only see float and vectorise.
 template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
 C10_ALWAYS_INLINE int dense_row(const RowParams<acc_t>& P, const scalar_t* z, const scalar_t* t, scalar_t* g,
                                 const RowScratch<acc_t>& R, acc_t& loss) {
