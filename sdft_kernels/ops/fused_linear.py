@@ -30,6 +30,13 @@ def _chunk_rows(n, vocab, elem_bytes, chunk_size):
     return int(max(1, min(n, rows)))
 
 
+def _linear_into(out, x, w, b):
+    """x @ w.T (+ b) written into out (no new tensor)."""
+    if b is None:
+        return torch.mm(x, w.t(), out=out)
+    return torch.addmm(b, x, w.t(), out=out)
+
+
 def _chunks(sh, sw, sb, th, tw, tb, valid, row_w, div, beta, tau, vocab, chunk, want):
     """One pass over the token chunks. row_w [N] weights each row's loss (None: no gradient wanted).
     Returns rows [N] float32/64 and, when gradients are wanted, (grad_h, grad_w fp32, grad_b fp32)."""
@@ -41,11 +48,15 @@ def _chunks(sh, sw, sb, th, tw, tb, valid, row_w, div, beta, tau, vocab, chunk, 
     gh = torch.empty_like(sh) if grad and need_h else None
     gw = torch.zeros(sw.shape, dtype=acc, device=sw.device) if grad and need_w else None
     gb = torch.zeros(sw.shape[0], dtype=acc, device=sw.device) if grad and need_b else None
+    # One pair of logit buffers for all chunks: fresh chunk-sized tensors would each fault in new pages
+    # (allocations this large are mmapped afresh every time).
+    s_buf = torch.empty(min(chunk, n), vocab, dtype=sh.dtype, device=sh.device)
+    t_buf = torch.empty(min(chunk, n), vocab, dtype=th.dtype, device=th.device)
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
         hs = sh[c0:c1]
-        s_logits = torch.nn.functional.linear(hs, sw[:vocab], None if sb is None else sb[:vocab])
-        t_logits = torch.nn.functional.linear(th[c0:c1], tw[:vocab], None if tb is None else tb[:vocab])
+        s_logits = _linear_into(s_buf[:c1 - c0], hs, sw[:vocab], None if sb is None else sb[:vocab])
+        t_logits = _linear_into(t_buf[:c1 - c0], th[c0:c1], tw[:vocab], None if tb is None else tb[:vocab])
         w = None if row_w is None else row_w[c0:c1]  # the kernel scales each row's gradient by its weight
         loss, g = torch.ops.sdft_kernels.distill_dense(s_logits, t_logits, valid[c0:c1], w, div, beta, tau, grad)
         rows[c0:c1] = loss
