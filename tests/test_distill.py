@@ -5,6 +5,7 @@ import torch
 import sdft_kernels
 from sdft_kernels import DistillationLoss, distill_loss
 from sdft_kernels.reference.distill import distill_loss_ref
+from sdft_kernels.ops.distill import DIVERGENCES
 
 DIVS = ["forward_kl", "reverse_kl", "jsd"]
 
@@ -328,3 +329,22 @@ def test_cuda_nan_reported():
     s[1, 7] = float("nan")
     with pytest.raises(ValueError, match="row 1"):
         distill_loss(s.cuda(), t.cuda())
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_op_equals_out_of_place(divergence, dtype):
+    """distill_dense_inplace_ (used by the CPU fused linear path) writes exactly distill_dense's gradient
+    over the student logits, over several chunks, with ignored rows and row weights."""
+    s, t = _chunked_rows(torch.float64)
+    s, t = s.to(dtype), t.to(dtype)
+    valid = torch.tensor([True, True, False, True])
+    w = torch.tensor([0.5, 1.0, 1.0, 2.0])
+    ops = torch.ops.sdft_kernels
+    loss, g = ops.distill_dense(s, t, valid, w, DIVERGENCES[divergence], 0.3, 1.5, True)
+    buf = s.clone()
+    loss2 = ops.distill_dense_inplace_(buf, t, valid, w, DIVERGENCES[divergence], 0.3, 1.5)
+    assert torch.equal(loss, loss2) and torch.equal(buf, g)
+    torch.library.opcheck(ops.distill_dense_inplace_.default, (s.clone(), t, valid, w, 0, 0.3, 1.5))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.distill_dense_inplace_(s.t().contiguous().t(), t, valid, w, 0, 0.3, 1.5)

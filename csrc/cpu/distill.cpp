@@ -135,8 +135,31 @@ std::tuple<at::Tensor, at::Tensor> distill_dense_cpu(const at::Tensor& student_l
   return {loss, grad};
 }
 
+// distill_dense with the gradient written over student_logits (which must be contiguous). Safe in place:
+// every pass reads a chunk of the student row before it writes that chunk's gradient, and no pass reads
+// the student row after writing it. On a bad row the error is raised with some rows already overwritten.
+at::Tensor distill_dense_inplace_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                                     const at::Tensor& valid, const std::optional<at::Tensor>& row_weight,
+                                     int64_t divergence, double beta, double temperature) {
+  check_dense_inputs(student_logits, teacher_logits, valid, row_weight, divergence, beta, temperature);
+  TORCH_CHECK(student_logits.is_contiguous(), "student_logits: expected a contiguous tensor (the gradient is "
+              "written over it)");
+  const at::Tensor w = row_weight.has_value() ? row_weight->contiguous() : at::Tensor();
+  const at::Tensor t = teacher_logits.contiguous(), v = valid.contiguous();
+  at::Tensor s = student_logits;
+  at::Tensor loss = at::empty({s.size(0)}, s.options().dtype(loss_dtype(s.scalar_type())));
+  const int64_t div = effective_divergence(divergence, beta);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "distill_dense_inplace_cpu", [&] {
+    dispatch_div_grad(div, true, [&](auto DIVC, auto GRADC) {
+      run_dense<decltype(DIVC)::value, decltype(GRADC)::value, scalar_t>(s, t, v, w.defined() ? &w : nullptr, loss, s, beta, temperature);
+    });
+  });
+  return loss;
+}
+
 }  // namespace sdft::distill::cpu
 
 TORCH_LIBRARY_IMPL(sdft_kernels, CPU, m) {
   m.impl("distill_dense", &sdft::distill::cpu::distill_dense_cpu);
+  m.impl("distill_dense_inplace_", &sdft::distill::cpu::distill_dense_inplace_cpu);
 }

@@ -42,6 +42,11 @@ torch.library.register_fake("sdft_kernels::distill_dense")(_fake)
 torch.library.register_fake("sdft_kernels::distill_topk")(_fake)
 
 
+@torch.library.register_fake("sdft_kernels::distill_dense_inplace_")
+def _fake_inplace(student_logits, *args):
+    return _fake(student_logits, *args, False)[0]
+
+
 def _setup_context(ctx, inputs, output):
     _, grad = output
     ctx.save_for_backward(grad)

@@ -2,7 +2,8 @@
 by chunk over tokens, so the full N x V logits never exist.
 
 Per chunk of C tokens: student logits h_s W_s^T (+ b_s) and teacher logits h_t W_t^T (+ b_t) [C, V], the
-distill_dense kernel (loss rows + gradient w.r.t. the student logits, already weighted by the reduction),
+distill_dense kernel (loss rows + gradient w.r.t. the student logits, already weighted by the reduction;
+on CPU distill_dense_inplace_, which writes it over the chunk's student logits: no gradient buffer),
 then grad_hidden[c] = G W_s and grad_weight += G^T h_s (float32 accumulator), grad_bias += sum G. Only
 those four matmuls run (no recomputation) for the scalar reductions; backward scales the accumulated
 gradients by the incoming scalar. reduction="none" cannot fold the per-token incoming gradient into the
@@ -58,7 +59,11 @@ def _chunks(sh, sw, sb, th, tw, tb, valid, row_w, div, beta, tau, vocab, chunk, 
         s_logits = _linear_into(s_buf[:c1 - c0], hs, sw[:vocab], None if sb is None else sb[:vocab])
         t_logits = _linear_into(t_buf[:c1 - c0], th[c0:c1], tw[:vocab], None if tb is None else tb[:vocab])
         w = None if row_w is None else row_w[c0:c1]  # the kernel scales each row's gradient by its weight
-        loss, g = torch.ops.sdft_kernels.distill_dense(s_logits, t_logits, valid[c0:c1], w, div, beta, tau, grad)
+        if grad and sh.device.type == "cpu":  # the gradient overwrites the chunk's logits: no new buffer
+            loss = torch.ops.sdft_kernels.distill_dense_inplace_(s_logits, t_logits, valid[c0:c1], w, div, beta, tau)
+            g = s_logits
+        else:
+            loss, g = torch.ops.sdft_kernels.distill_dense(s_logits, t_logits, valid[c0:c1], w, div, beta, tau, grad)
         rows[c0:c1] = loss
         del s_logits, t_logits
         if not grad:
