@@ -25,7 +25,7 @@
 namespace sdft::distill::cpu {
 namespace {
 
-template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
+template <int64_t DIV, bool GRAD, bool HW_HALF, typename scalar_t, typename acc_t>
 C10_ALWAYS_INLINE void dense_rows_body(const RowParams<acc_t>& P, const scalar_t* S, const scalar_t* T,
                                               const bool* valid, const acc_t* W, acc_t* loss, scalar_t* G,
                                        int64_t r0, int64_t r1, const RowScratch<acc_t>& R, RowError& err) {
@@ -39,7 +39,7 @@ C10_ALWAYS_INLINE void dense_rows_body(const RowParams<acc_t>& P, const scalar_t
     }
     RowParams<acc_t> Pr = P;
     if (W != nullptr) Pr.grad_scale = P.inv_tau * W[r];
-    const int code = dense_row<DIV, GRAD>(Pr, S + r * V, T + r * V, g, R, loss[r]);
+    const int code = dense_row<DIV, GRAD, HW_HALF>(Pr, S + r * V, T + r * V, g, R, loss[r]);
     if (code != 0) err.set(r, code);
   }
 }
@@ -57,7 +57,7 @@ __attribute__((target(SDFT_AVX512_TARGET))) void
 dense_rows_avx512(const RowParams<acc_t>& P, const scalar_t* S, const scalar_t* T, const bool* valid,
                   const acc_t* W, acc_t* loss, scalar_t* G, int64_t r0, int64_t r1, const RowScratch<acc_t>& R,
                   RowError& err) {
-  dense_rows_body<DIV, GRAD>(P, S, T, valid, W, loss, G, r0, r1, R, err);
+  dense_rows_body<DIV, GRAD, true>(P, S, T, valid, W, loss, G, r0, r1, R, err);
 }
 
 template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
@@ -65,7 +65,7 @@ __attribute__((target("avx2,fma,f16c"))) void dense_rows_avx2(const RowParams<ac
                                                          const scalar_t* T, const bool* valid, const acc_t* W,
                                                          acc_t* loss, scalar_t* G, int64_t r0, int64_t r1,
                                                          const RowScratch<acc_t>& R, RowError& err) {
-  dense_rows_body<DIV, GRAD>(P, S, T, valid, W, loss, G, r0, r1, R, err);
+  dense_rows_body<DIV, GRAD, true>(P, S, T, valid, W, loss, G, r0, r1, R, err);
 }
 
 #endif  // SDFT_X86_CLONES
@@ -74,7 +74,7 @@ template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
 void dense_rows_base(const RowParams<acc_t>& P, const scalar_t* S, const scalar_t* T, const bool* valid,
                      const acc_t* W, acc_t* loss, scalar_t* G, int64_t r0, int64_t r1,
                      const RowScratch<acc_t>& R, RowError& err) {
-  dense_rows_body<DIV, GRAD>(P, S, T, valid, W, loss, G, r0, r1, R, err);
+  dense_rows_body<DIV, GRAD, kBaseHwHalf>(P, S, T, valid, W, loss, G, r0, r1, R, err);
 }
 
 template <int64_t DIV, bool GRAD, typename scalar_t>

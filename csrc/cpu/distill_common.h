@@ -29,6 +29,12 @@ namespace sdft::distill::cpu {
 #define SDFT_X86_CLONES 0
 #endif
 enum class Isa { kBase, kAvx2, kAvx512 };
+// Whether the baseline loops may convert fp16 with the compiler's _Float16 (hardware on AArch64).
+#if defined(__aarch64__)
+constexpr bool kBaseHwHalf = true;
+#else
+constexpr bool kBaseHwHalf = false;
+#endif
 inline Isa cpu_isa() {
   static const Isa isa = [] {
 #if SDFT_X86_CLONES

@@ -77,7 +77,10 @@ C10_ALWAYS_INLINE acc_t exp_row(const scalar_t* x, acc_t* e, int64_t V, acc_t in
 // chunk) in a per-thread row of scratch: two exps per element in all, and no separate max pass.
 constexpr int64_t CH = 4096;  // tests/test_distill.py builds rows over several chunks from this value
 
-template <typename T, typename A>
+// HW_HALF: convert fp16 through the compiler's _Float16, i.e. with F16C instructions in the AVX clones
+// (and natively on AArch64). Without them, GCC's _Float16 goes through slow libgcc calls, so the x86
+// baseline loops use c10's branch-free bit conversion instead.
+template <bool HW_HALF, typename T, typename A>
 C10_ALWAYS_INLINE void to_acc(const T* x, A* out, int64_t n) {
   if constexpr (std::is_same_v<T, A>) {
     std::copy(x, x + n, out);
@@ -85,7 +88,7 @@ C10_ALWAYS_INLINE void to_acc(const T* x, A* out, int64_t n) {
     const uint16_t* b = reinterpret_cast<const uint16_t*>(x);  // bf16 = the high half of a float
     for (int64_t i = 0; i < n; ++i) out[i] = bits_to_float(static_cast<int32_t>(uint32_t(b[i]) << 16));
 #ifdef __FLT16_MAX__
-  } else if constexpr (std::is_same_v<T, c10::Half>) {  // the compiler's half type: F16C where available
+  } else if constexpr (HW_HALF && std::is_same_v<T, c10::Half>) {
     const _Float16* h = reinterpret_cast<const _Float16*>(x);
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(h[i]);
 #endif
@@ -94,7 +97,7 @@ C10_ALWAYS_INLINE void to_acc(const T* x, A* out, int64_t n) {
   }
 }
 
-template <typename A, typename T>
+template <bool HW_HALF, typename A, typename T>
 C10_ALWAYS_INLINE void from_acc(const A* v, T* out, int64_t n) {
   if constexpr (std::is_same_v<T, A>) {
     std::copy(v, v + n, out);
@@ -106,7 +109,7 @@ C10_ALWAYS_INLINE void from_acc(const A* v, T* out, int64_t n) {
       b[i] = v[i] != v[i] ? uint16_t(0x7FC0) : r;
     }
 #ifdef __FLT16_MAX__
-  } else if constexpr (std::is_same_v<T, c10::Half>) {  // IEEE round to nearest even, like c10
+  } else if constexpr (HW_HALF && std::is_same_v<T, c10::Half>) {  // IEEE round to nearest even, like c10
     _Float16* h = reinterpret_cast<_Float16*>(out);
     for (int64_t i = 0; i < n; ++i) h[i] = static_cast<_Float16>(v[i]);
 #endif
@@ -116,12 +119,12 @@ C10_ALWAYS_INLINE void from_acc(const A* v, T* out, int64_t n) {
 }
 
 // x[0, n) as acc_t: x itself when it already is, else converted into buf.
-template <typename scalar_t, typename acc_t>
+template <bool HW_HALF, typename scalar_t, typename acc_t>
 C10_ALWAYS_INLINE const acc_t* chunk_in(const scalar_t* x, int64_t n, acc_t* buf) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return x;
   } else {
-    to_acc(x, buf, n);
+    to_acc<HW_HALF>(x, buf, n);
     return buf;
   }
 }
@@ -160,7 +163,7 @@ struct RowScratch {
 // exps (forward KL writes its gradient; the others keep q, and log m for JSD). Pass 3 (reverse KL, JSD):
 // the gradient, which needs the row's total from pass 2. bf16/fp16 chunks are converted to float in a
 // cached buffer first, so the math loops only see float and vectorise.
-template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
+template <int64_t DIV, bool GRAD, bool HW_HALF, typename scalar_t, typename acc_t>
 C10_ALWAYS_INLINE int dense_row(const RowParams<acc_t>& P, const scalar_t* z, const scalar_t* t, scalar_t* g,
                                 const RowScratch<acc_t>& R, acc_t& loss) {
   constexpr bool kConv = !std::is_same_v<scalar_t, acc_t>;
@@ -170,8 +173,8 @@ C10_ALWAYS_INLINE int dense_row(const RowParams<acc_t>& P, const scalar_t* z, co
   acc_t ms = -std::numeric_limits<acc_t>::infinity(), mu = ms, zs = 0, zu = 0;
   for (int64_t j0 = 0, c = 0; j0 < V; j0 += CH, ++c) {
     const int64_t n = std::min(CH, V - j0);
-    R.cs[c] = lse_chunk(chunk_in(z + j0, n, bz), n, it, ms, zs, R.es + j0);
-    R.ct[c] = lse_chunk(chunk_in(t + j0, n, bt), n, it, mu, zu, R.et + j0);
+    R.cs[c] = lse_chunk(chunk_in<HW_HALF>(z + j0, n, bz), n, it, ms, zs, R.es + j0);
+    R.ct[c] = lse_chunk(chunk_in<HW_HALF>(t + j0, n, bt), n, it, mu, zu, R.et + j0);
   }
   if (!(zs >= acc_t(1))) return 1;  // the max element contributes exactly 1; NaN fails the test
   if (!(zu >= acc_t(1))) return 2;
@@ -179,8 +182,8 @@ C10_ALWAYS_INLINE int dense_row(const RowParams<acc_t>& P, const scalar_t* z, co
   acc_t L[W] = {}, K[W] = {};
   for (int64_t j0 = 0, c = 0; j0 < V; j0 += CH, ++c) {
     const int64_t n = std::min(CH, V - j0);
-    const acc_t* zc = chunk_in(z + j0, n, bz);
-    const acc_t* tc = chunk_in(t + j0, n, bt);
+    const acc_t* zc = chunk_in<HW_HALF>(z + j0, n, bz);
+    const acc_t* tc = chunk_in<HW_HALF>(t + j0, n, bt);
     acc_t *es = R.es + j0, *et = R.et + j0;
     const acc_t fs = fast_exp(R.cs[c] - ms) * izs, fu = fast_exp(R.ct[c] - mu) * izu;
     acc_t* gc = nullptr;
@@ -201,15 +204,15 @@ C10_ALWAYS_INLINE int dense_row(const RowParams<acc_t>& P, const scalar_t* z, co
     for (; j + W <= n; j += W)
       for (int64_t l = 0; l < W; ++l) elem(j + l, l);
     for (; j < n; ++j) elem(j, 0);
-    if constexpr (GRAD && DIV == kForwardKL && kConv) from_acc(bg, g + j0, n);
+    if constexpr (GRAD && DIV == kForwardKL && kConv) from_acc<HW_HALF>(bg, g + j0, n);
   }
   loss = lanes_sum(L);
   if constexpr (GRAD && DIV != kForwardKL) {
     const acc_t rs = DIV == kJSD ? lanes_sum(K) : loss;  // L for reverse KL, K = KL(q||m) for JSD
     for (int64_t j0 = 0; j0 < V; j0 += CH) {
       const int64_t n = std::min(CH, V - j0);
-      const acc_t* zc = chunk_in(z + j0, n, bz);
-      const acc_t* tc = DIV == kReverseKL ? chunk_in(t + j0, n, bt) : nullptr;
+      const acc_t* zc = chunk_in<HW_HALF>(z + j0, n, bz);
+      const acc_t* tc = DIV == kReverseKL ? chunk_in<HW_HALF>(t + j0, n, bt) : nullptr;
       const acc_t *es = R.es + j0, *et = R.et + j0;
       acc_t* gc;
       if constexpr (kConv) gc = bg; else gc = g + j0;
@@ -219,7 +222,7 @@ C10_ALWAYS_INLINE int dense_row(const RowParams<acc_t>& P, const scalar_t* z, co
         const acc_t lm = DIV == kJSD ? et[j] : acc_t(0);
         gc[j] = divergence_grad<acc_t>(DIV, acc_t(0), es[j], lp, lq, lm, beta, rs) * gs;
       }
-      if constexpr (kConv) from_acc(bg, g + j0, n);
+      if constexpr (kConv) from_acc<HW_HALF>(bg, g + j0, n);
     }
   }
   return 0;
