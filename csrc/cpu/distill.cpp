@@ -45,12 +45,6 @@ C10_ALWAYS_INLINE void dense_rows_body(const RowParams<acc_t>& P, const scalar_t
 }
 
 #if SDFT_X86_CLONES
-// GCC widens the loops to 512 bits only when asked; clang takes no such target option.
-#if defined(__clang__)
-#define SDFT_AVX512_TARGET "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c"
-#else
-#define SDFT_AVX512_TARGET "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,prefer-vector-width=512"
-#endif
 // AVX-512 (Zen 4/5, Ice Lake and later): one 16-float register per W lanes; f16c converts fp16 chunks.
 template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
 __attribute__((target(SDFT_AVX512_TARGET))) void

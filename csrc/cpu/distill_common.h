@@ -28,6 +28,12 @@ namespace sdft::distill::cpu {
 #else
 #define SDFT_X86_CLONES 0
 #endif
+// GCC widens the loops to 512 bits only when asked; clang takes no such target option.
+#if defined(__clang__)
+#define SDFT_AVX512_TARGET "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c"
+#else
+#define SDFT_AVX512_TARGET "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,prefer-vector-width=512"
+#endif
 enum class Isa { kBase, kAvx2, kAvx512 };
 // Whether the baseline loops may convert fp16 with the compiler's _Float16 (hardware on AArch64).
 #if defined(__aarch64__)

@@ -26,14 +26,18 @@ namespace sdft::distill::cpu {
 namespace {
 
 
-// One row; returns 0 or a RowError code.
-template <typename scalar_t, typename acc_t>
-int topk_row(int64_t div, bool grad, const RowParams<acc_t>& P, const scalar_t* z, const acc_t* lpk,
-             const int64_t* idx, int64_t k, scalar_t* g, acc_t* e, uint8_t* mark, acc_t* bl, acc_t& loss) {
+// One row; returns 0 or a RowError code. bf16/fp16 rows are first converted into e (float), so the max
+// and exp loops run on floats and vectorise; e then holds the exps in place.
+template <bool HW_HALF, typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE int topk_row(int64_t div, bool grad, const RowParams<acc_t>& P, const scalar_t* z,
+                               const acc_t* lpk, const int64_t* idx, int64_t k, scalar_t* g, acc_t* e,
+                               uint8_t* mark, acc_t* bl, acc_t& loss) {
+  constexpr bool kConv = !std::is_same_v<scalar_t, acc_t>;
   const int64_t V = P.V;
   const acc_t it = P.inv_tau, inf = std::numeric_limits<acc_t>::infinity();
-  const acc_t ms = row_max<scalar_t, acc_t>(z, V) * it;
-  const acc_t zs = exp_row(z, e, V, it, ms);
+  const acc_t* zf = chunk_in<HW_HALF>(z, V, e);  // z itself for float32 / float64
+  const acc_t ms = row_max<acc_t, acc_t>(zf, V) * it;
+  const acc_t zs = exp_row(zf, e, V, it, ms);
   if (!(zs >= acc_t(1))) return 1;
   const acc_t log_zs = std::log(zs), lzs = ms + log_zs;
   int code = 0;
@@ -84,11 +88,67 @@ int topk_row(int64_t div, bool grad, const RowParams<acc_t>& P, const scalar_t* 
     };
     // Tail: d/dz_j = G_tail * e_j / tail_e for the non-listed entries; then the listed ones.
     const acc_t gt = has_tail && tail_e > 0 ? bucket_grad(k) / tail_e : acc_t(0);
-    for (int64_t j = 0; j < V; ++j) g[j] = static_cast<scalar_t>(gt * e[j]);
+    if constexpr (kConv) {  // scale in place, then one vectorised conversion of the row
+      for (int64_t j = 0; j < V; ++j) e[j] *= gt;
+      from_acc<HW_HALF>(e, g, V);
+    } else {
+      for (int64_t j = 0; j < V; ++j) g[j] = gt * e[j];
+    }
     for (int64_t b = 0; b < k; ++b) g[idx[b]] = static_cast<scalar_t>(bucket_grad(b));
   }
   for (int64_t b = 0; b < k; ++b) mark[idx[b]] = 0;
   return 0;
+}
+
+// One thread's rows [r0, r1), with its scratch rows.
+template <typename scalar_t, typename acc_t>
+struct TopkRows {
+  const RowParams<acc_t>& P;
+  const scalar_t* S;
+  const acc_t* LP;
+  const int64_t* I;
+  const bool* valid;
+  acc_t* L;
+  scalar_t* G;
+  int64_t k, div;
+  bool grad;
+  RowError& err;
+};
+
+template <bool HW_HALF, typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void topk_rows_body(const TopkRows<scalar_t, acc_t>& a, int64_t r0, int64_t r1, acc_t* e,
+                                      uint8_t* mark, acc_t* bl) {
+  const int64_t V = a.P.V, k = a.k;
+  for (int64_t r = r0; r < r1; ++r) {
+    scalar_t* g = a.grad ? a.G + r * V : nullptr;
+    if (!a.valid[r]) {
+      a.L[r] = 0;
+      if (a.grad) std::fill(g, g + V, scalar_t(0));
+      continue;
+    }
+    const int code = topk_row<HW_HALF>(a.div, a.grad, a.P, a.S + r * V, a.LP + r * k, a.I + r * k, k, g, e,
+                                       mark, bl, a.L[r]);
+    if (code != 0) a.err.set(r, code);
+  }
+}
+
+// The same ISA clones as the dense kernel (distill.cpp).
+#if SDFT_X86_CLONES
+template <typename scalar_t, typename acc_t>
+__attribute__((target(SDFT_AVX512_TARGET))) void topk_rows_avx512(const TopkRows<scalar_t, acc_t>& a, int64_t r0,
+                                                                  int64_t r1, acc_t* e, uint8_t* mark, acc_t* bl) {
+  topk_rows_body<true>(a, r0, r1, e, mark, bl);
+}
+template <typename scalar_t, typename acc_t>
+__attribute__((target("avx2,fma,f16c"))) void topk_rows_avx2(const TopkRows<scalar_t, acc_t>& a, int64_t r0,
+                                                              int64_t r1, acc_t* e, uint8_t* mark, acc_t* bl) {
+  topk_rows_body<true>(a, r0, r1, e, mark, bl);
+}
+#endif
+template <typename scalar_t, typename acc_t>
+void topk_rows_base(const TopkRows<scalar_t, acc_t>& a, int64_t r0, int64_t r1, acc_t* e, uint8_t* mark,
+                    acc_t* bl) {
+  topk_rows_body<kBaseHwHalf>(a, r0, r1, e, mark, bl);
 }
 
 template <typename scalar_t>
@@ -97,27 +157,24 @@ void run_topk(const at::Tensor& s, const at::Tensor& lpk, const at::Tensor& idx,
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = s.size(0), V = s.size(1), k = idx.size(1);
   const RowParams<acc_t> P = make_params<acc_t>(V, beta, temperature);
-  const scalar_t* S = s.const_data_ptr<scalar_t>();
-  const acc_t* LP = lpk.const_data_ptr<acc_t>();
-  const int64_t* I = idx.const_data_ptr<int64_t>();
-  const bool* vd = valid.const_data_ptr<bool>();
-  acc_t* L = loss.mutable_data_ptr<acc_t>();
-  scalar_t* G = compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
   RowError err;
+  const TopkRows<scalar_t, acc_t> a{P, s.const_data_ptr<scalar_t>(), lpk.const_data_ptr<acc_t>(),
+                                    idx.const_data_ptr<int64_t>(), valid.const_data_ptr<bool>(),
+                                    loss.mutable_data_ptr<acc_t>(),
+                                    compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr, k, div,
+                                    compute_grad, err};
+  const Isa isa = cpu_isa();
   at::parallel_for(0, N, row_grain(V), [&](int64_t r0, int64_t r1) {
     std::vector<acc_t> e(V), bl(2 * (k + 1));
     std::vector<uint8_t> mark(V, 0);
-    for (int64_t r = r0; r < r1; ++r) {
-      scalar_t* g = compute_grad ? G + r * V : nullptr;
-      if (!vd[r]) {
-        L[r] = 0;
-        if (compute_grad) std::fill(g, g + V, scalar_t(0));
-        continue;
-      }
-      const int code = topk_row<scalar_t, acc_t>(div, compute_grad, P, S + r * V, LP + r * k, I + r * k, k, g,
-                                                 e.data(), mark.data(), bl.data(), L[r]);
-      if (code != 0) err.set(r, code);
-    }
+#if SDFT_X86_CLONES
+    if (isa == Isa::kAvx512)
+      topk_rows_avx512(a, r0, r1, e.data(), mark.data(), bl.data());
+    else if (isa == Isa::kAvx2)
+      topk_rows_avx2(a, r0, r1, e.data(), mark.data(), bl.data());
+    else
+#endif
+      topk_rows_base(a, r0, r1, e.data(), mark.data(), bl.data());
   });
   err.raise("student_logits", "teacher_topk_logprobs");
 }
