@@ -3,6 +3,9 @@
 Kernels (CSV results/<kernel>.csv):
   distill_loss          logits [N, V] -> loss, forward+backward ("full"): memory-bound, the floor moves
                         student + teacher logits once and writes the gradient once (3 N V elements).
+  distill_topk          student logits [N, V] against a top-k teacher (log-probs + indices [N, k], the
+                        rest of its mass as a tail bucket), full: the floor reads the student logits once
+                        and writes the gradient once (2 N V elements).
   fused_linear_distill  hidden [N, H] x lm_head [V, H] for student and teacher -> loss, full: GEMM-bound,
                         its floor is the four matmuls (student logits, teacher logits, grad_hidden,
                         grad_weight) = 2 N V (3 Hs + Ht) flops; the "matmuls" provider times exactly those.
@@ -77,6 +80,44 @@ def _loss_case(provider, n, v, dtype, device, divergence="forward_kl", tag=""):
     return Case("distill_loss", provider + tag, "full", {"N": n, "V": v, "div": divergence}, dtype, build,
                 bytes=3.0 * n * v * esize, skip=skip, est_bytes=est,
                 slow=naive_like and n * v > 2**26, timeout=900)
+
+
+def _topk_case(provider, n, v, k, dtype, device):
+    """Forward+backward of the top-k teacher loss: ours, or the pure-PyTorch reference in the input dtype
+    (what a user writes with gather + logsumexp), or torch.compile of it."""
+    esize = torch.finfo(DT[dtype]).bits // 8
+    skip = None
+    from sdft_kernels.reference.distill import distill_loss_topk_ref
+    if provider == "ours":
+        fn, skip = peers.ours("distill_loss_topk")
+        make = lambda: fn  # noqa: E731
+    elif provider == "naive":
+        make = lambda: distill_loss_topk_ref  # noqa: E731
+    elif provider == "torch.compile(naive)":
+        def make():
+            torch._dynamo.reset()
+            return torch.compile(distill_loss_topk_ref, dynamic=False)
+    else:
+        raise ValueError(provider)
+
+    def build():
+        s, t = _logits(n, v, DT[dtype], device)
+        lp, idx = t.float().log_softmax(-1).topk(k, dim=-1)
+        loss_fn = make()
+
+        def prepare():
+            s.grad = None
+
+        def step(_):
+            loss = loss_fn(s, lp, idx)
+            loss.backward()
+            return loss, s.grad
+        return {"step": step, "prepare": prepare}
+
+    per = 20 if provider == "naive" else 5
+    return Case("distill_topk", provider, "full", {"N": n, "V": v, "k": k}, dtype, build,
+                bytes=2.0 * n * v * esize, skip=skip, est_bytes=n * v * (per + 12),
+                slow=provider == "naive" and n * v > 2**26, timeout=900)
 
 
 def _fused_case(provider, n, hs, ht, v, dtype, device, divergence="forward_kl"):
@@ -172,6 +213,8 @@ def cases(device: str = "cpu", quick: bool = False) -> list:
         if dtype == "float32":
             for p in ("matmuls", "ours", "naive"):
                 out.append(_fused_case(p, 4096, 512, 512, 32000, "float32", device))
+        for p in ("ours", "naive", "torch.compile(naive)"):   # offline teacher logits: top-64
+            out.append(_topk_case(p, 4096, 32000, 64, dtype, device))
     # Cost growth below the grid (N sweep at V=32000, V sweep at N=1024), no compile (one compile per shape).
     for p in ("ours", "naive", "torchtune"):
         out.append(_loss_case(p, 256, 32000, "float32", device))

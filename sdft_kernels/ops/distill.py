@@ -104,6 +104,10 @@ def scale_saved_grad(ctx, grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.
     if grad.dtype == torch.float64 or not _plain_eager(grad):
         return (grad * scale).to(grad.dtype)
     ctx.used = True
+    if scale.numel() and bool((scale == scale[0]).all()):
+        # One scale for every row (the scalar reductions): a Python float multiplies bf16/fp16 in float32
+        # element by element; a float32 tensor operand would make a float32 copy of the whole gradient.
+        return grad.mul_(float(scale[0]))
     return grad.mul_(scale)
 
 
