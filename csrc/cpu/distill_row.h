@@ -137,10 +137,7 @@ C10_ALWAYS_INLINE const acc_t* chunk_in(const scalar_t* x, int64_t n, acc_t* buf
 template <typename acc_t>
 C10_ALWAYS_INLINE acc_t lse_chunk(const acc_t* x, int64_t n, acc_t it, acc_t& m, acc_t& s, acc_t* e) {
   const acc_t cm = row_max<acc_t, acc_t>(x, n) * it;  // ignores NaN; the exps below catch it
-  if (cm > m) {
-    s *= fast_exp(m - cm);  // exp(-inf) = 0 for the first finite chunk
-    m = cm;
-  }
+  lse_merge(m, s, cm, acc_t(0));  // rescale the running sum to the new max (csrc/common/distill_math.h)
   if (m == -std::numeric_limits<acc_t>::infinity()) {  // rare: no finite entry yet; only NaN matters
     for (int64_t j = 0; j < n; ++j) {
       if (x[j] != x[j]) s = std::numeric_limits<acc_t>::quiet_NaN();
