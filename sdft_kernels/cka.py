@@ -112,12 +112,12 @@ def _no_tf32(device):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _shift(x, s):
+def _shift(x, s, out=None):
     """(u, mean, r) for features x and a shift s (x's approximate column mean, in x's dtype):
     u = x - s has small values that are exact (or nearly) in the working precision, so its GEMM loses
     nothing to the mean; r = mean(u) is tiny and corrected exactly in float64 (C = u'u - n r r');
-    mean = s + r in float64. No float64 copy of the features is made."""
-    u = x - s
+    mean = s + r in float64. No float64 copy of the features is made; u is written into `out` if given."""
+    u = torch.sub(x, s, out=out) if out is not None else x - s
     r = u.mean(dim=0).double()
     return u, s.double() + r, r
 
@@ -205,6 +205,7 @@ class LinearCKA:
         self.n = 0.0
         self.mean, self.mom, self.ext = {}, {}, {}
         self._raw_bufs = {}  # scratch for one batch's co-moment products, reused (not part of the state)
+        self._pool = {}  # scratch: free shifted-feature buffers by (shape, dtype, device), reused across batches
         return self
 
     @property
@@ -213,9 +214,13 @@ class LinearCKA:
         return int(self.n)
 
     def _keys(self):
+        """(layers, co-moment keys). Keys are pair-major (a layer's self-moment just before the first pair
+        using it), so update() can shift a layer when it is first needed and drop it after its last use."""
         layers = sorted({f"x{i}" for i, _ in self.pairs} | {f"y{j}" for _, j in self.pairs})
-        moms = [f"{a}|{a}" for a in layers] + [f"x{i}|y{j}" for i, j in self.pairs]
-        return layers, moms
+        moms = {}  # insertion-ordered set: a pair listed twice is accumulated once
+        for i, j in self.pairs:
+            moms.update(dict.fromkeys((f"x{i}|x{i}", f"y{j}|y{j}", f"x{i}|y{j}")))
+        return layers, list(moms)
 
     def _resolve(self, fx, fy):
         widths = {"x": [t.shape[1] for t in fx], "y": [t.shape[1] for t in fy]}
@@ -237,30 +242,47 @@ class LinearCKA:
         names = [f"x{i}" for i in range(len(fx))] + [f"y{j}" for j in range(len(fy))]
         feats, fmean = dict(zip(names, fx + fy)), dict(zip(names, means))
         layers, moms = self._keys()
-        with torch.no_grad(), _no_tf32(fx[0].device):
-            u, mean, r = {}, {}, {}
-            for a in layers:
-                u[a], mean[a], r[a] = _shift(feats[a], fmean[a])
-            # Each co-moment is formed just before it is merged, into one reused buffer per shape: one
-            # d x d product alive at a time, and no fresh pages to fault in per product and batch.
-            def raw(k):
-                a, b = k.split("|")
-                buf = self._raw_buffer((self._width(a), self._width(b)), u[a].dtype, u[a].device)
-                if a == b:
-                    return _self_moment(u[a], out=buf)
-                return torch.mm(u[a].T, u[b], out=buf), False
-            ext = tr = None
+        left = {a: sum(a in k.split("|") for k in moms) for a in layers}  # keys still to use each layer
+        live, mean, r, ext, tr = {}, {}, {}, {}, {}
+        self._pool = {key: bufs for key, bufs in self._pool.items() if key[0][0] == n}  # this batch's size
+
+        def layer(a):  # the shifted features of layer a (formed on first use, into a pooled buffer)
+            if a not in live:
+                f = feats[a]
+                u = self._take(f.shape, f.dtype, f.device)
+                _, mean[a], r[a] = _shift(f, fmean[a], out=u)
+                uc = sq = None
+                if self.debiased:
+                    uc = u.double() - r[a]
+                    sq = (uc * uc).sum(1)
+                    tr[a] = sq.sum()
+                live[a] = (u, uc, sq)
+            return live[a]
+
+        # Each co-moment is formed just before it is merged, into one reused buffer per shape; a layer's
+        # shifted copy lives from its first key to its last (two at a time for diagonal pairs), and no
+        # buffer is allocated afresh per batch (fresh pages cost more to fault in than the subtraction).
+        def raw(k):
+            a, b = k.split("|")
+            (ua, uca, sqa), (ub, ucb, sqb) = layer(a), layer(b)
             if self.debiased:
-                uc = {a: u[a].double() - r[a] for a in layers}
-                sq = {a: (uc[a] * uc[a]).sum(1) for a in layers}
-                tr = {a: sq[a].sum() for a in layers}
-                ext = {}
-                for k in moms:
-                    a, b = k.split("|")
-                    ext[k] = (sq[a] @ sq[b], uc[b].T @ sq[a], uc[a].T @ sq[b])
-                del uc, sq
-            self._merge(float(n), mean, raw, r, ext, tr)
+                ext[k] = (sqa @ sqb, ucb.T @ sqa, uca.T @ sqb)
+            buf = self._raw_buffer((self._width(a), self._width(b)), ua.dtype, ua.device)
+            out = _self_moment(ua, out=buf) if a == b else (torch.mm(ua.T, ub, out=buf), False)
+            for c in {a, b}:
+                left[c] -= 1
+                if left[c] == 0:
+                    u = live.pop(c)[0]
+                    self._pool.setdefault((tuple(u.shape), u.dtype, u.device), []).append(u)
+            return out
+
+        with torch.no_grad(), _no_tf32(fx[0].device):
+            self._merge(float(n), mean, raw, r, ext if self.debiased else None, tr, fx[0].device)
         return self
+
+    def _take(self, shape, dtype, device):
+        bufs = self._pool.get((tuple(shape), dtype, device))
+        return bufs.pop() if bufs else torch.empty(shape, dtype=dtype, device=device)
 
     def _raw_buffer(self, shape, dtype, device):
         key = (shape, dtype, device)
@@ -268,23 +290,23 @@ class LinearCKA:
             self._raw_bufs[key] = torch.empty(shape, dtype=dtype, device=device)
         return self._raw_bufs[key]
 
-    def _merge(self, n_q, mean_q, mom_q, r_q, ext_q, tr_q):
+    def _merge(self, n_q, mean_q, mom_q, r_q, ext_q, tr_q, dev):
         """Merge a part (n_q tokens; float64 means; co-moments about the shifts whose residuals are r_q,
-        None = exactly centred; debiasing statistics ext_q with its traces tr_q) into self. mom_q(k) returns
-        (co-moment of key k, upper) with upper=True when only its upper triangle holds values; it is
-        called once per key, in order, and the result is used before the next call."""
+        None = exactly centred; debiasing statistics ext_q with its traces tr_q) into self, on device dev.
+        mom_q(k) returns (co-moment of key k, upper) with upper=True when only its upper triangle holds
+        values; it is called once per key, in order, and the result is used before the next call. The
+        dicts mean_q, r_q, ext_q and tr_q may be filled by mom_q itself: a layer's entries (a key's, for
+        ext_q) must exist once mom_q has returned for the first key that uses it."""
         layers, moms = self._keys()
         n_p = self.n
         n = n_p + n_q
-        dev = next(iter(mean_q.values())).device
         if n_p == 0:
             for a in layers:
-                self.mean[a] = torch.zeros_like(mean_q[a])
+                self.mean[a] = torch.zeros(self._width(a), dtype=torch.float64, device=dev)
             for k in moms:
                 a, b = k.split("|")
                 self.mom[k] = torch.zeros(self._width(a), self._width(b), dtype=torch.float64, device=dev)
-        new_mean = {a: mean_q[a] if n_p == 0 else self.mean[a] + (n_q / n) * (mean_q[a] - self.mean[a])
-                    for a in layers}
+        new_mean = {}
         if self.debiased:  # traces of the accumulated self-moments, before any of them is updated
             zero = torch.zeros((), dtype=torch.float64, device=dev)
             tr_p = {a: torch.diagonal(self.mom[f"{a}|{a}"]).sum() for a in layers}
@@ -293,6 +315,9 @@ class LinearCKA:
         for k in moms:
             a, b = k.split("|")
             raw, upper = mom_q(k)
+            for c in (a, b):
+                if c not in new_mean:
+                    new_mean[c] = mean_q[c] if n_p == 0 else self.mean[c] + (n_q / n) * (mean_q[c] - self.mean[c])
             if self.debiased:
                 cq = raw.double()
                 if upper:
@@ -382,7 +407,7 @@ class LinearCKA:
             self.pairs, self.widths = list(other.pairs), other.widths
         tr = ({a: torch.diagonal(other.mom[f"{a}|{a}"]).sum() for a in other.mean} if self.debiased else None)
         self._merge(other.n, other.mean, lambda k: (other.mom[k], False), None,
-                    other.ext if self.debiased else None, tr)
+                    other.ext if self.debiased else None, tr, next(iter(other.mean.values())).device)
         return self
 
     def _flat(self):

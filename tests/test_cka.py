@@ -87,6 +87,25 @@ def test_any_batch_split_equals_one_shot(debiased):
 
 
 @pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize("pairs", ["diagonal", "all", [(1, 0), (0, 1), (2, 2), (1, 1), (0, 1)]])
+def test_streamed_equal_width_layers_share_pooled_buffers_correctly(pairs, debiased):
+    # Equal widths and equal batch sizes: every layer's shifted copy comes from one buffer pool, reused
+    # within a batch (after a layer's last pair) and across batches; a buffer handed out while still in
+    # use would corrupt a later pair.
+    xs, ys = _layers(n=100, widths=(6, 6, 6), tw=(6, 6, 6), offset=5.0, dtype=torch.float32)
+    one = LinearCKA(pairs, debiased=debiased).update(xs, ys)
+    m = LinearCKA(pairs, debiased=debiased)
+    for lo in range(0, 100, 25):
+        m.update([x[lo:lo + 25] for x in xs], [y[lo:lo + 25] for y in ys])
+    f = R.linear_cka_debiased if debiased else R.linear_cka
+    ref = [f(xs[i].double(), ys[j].double()) for i, j in m.pairs]
+    np.testing.assert_allclose(m.compute().numpy(), ref, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(m.compute().numpy(), one.compute().numpy(), rtol=0, atol=2e-6)
+    if pairs == "diagonal":  # one student and one teacher layer shifted at a time
+        assert sum(len(b) for b in m._pool.values()) == 2
+
+
+@pytest.mark.parametrize("debiased", [False, True])
 def test_stress_large_offset_and_massive_dims_fp32(debiased):
     # mean offset 1e4, three dimensions 1000x larger, given as fp32: within 1e-4 of float64 (we ask 1e-6).
     x64 = _acts(2048, 64, 1, offset=1e4, big=1000.0)
