@@ -27,7 +27,7 @@ namespace {
 
 template <int64_t DIV, bool GRAD, bool HW_HALF, typename scalar_t, typename acc_t>
 C10_ALWAYS_INLINE void dense_rows_body(const RowParams<acc_t>& P, const scalar_t* S, const scalar_t* T,
-                                              const bool* valid, const acc_t* W, acc_t* loss, scalar_t* G,
+                                       const bool* valid, const acc_t* W, acc_t* loss, scalar_t* G,
                                        int64_t r0, int64_t r1, const RowScratch<acc_t>& R, RowError& err) {
   const int64_t V = P.V;
   for (int64_t r = r0; r < r1; ++r) {
@@ -44,33 +44,6 @@ C10_ALWAYS_INLINE void dense_rows_body(const RowParams<acc_t>& P, const scalar_t
   }
 }
 
-#if SDFT_X86_CLONES
-// AVX-512 (Zen 4/5, Ice Lake and later): one 16-float register per W lanes; f16c converts fp16 chunks.
-template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
-__attribute__((target(SDFT_AVX512_TARGET))) void
-dense_rows_avx512(const RowParams<acc_t>& P, const scalar_t* S, const scalar_t* T, const bool* valid,
-                  const acc_t* W, acc_t* loss, scalar_t* G, int64_t r0, int64_t r1, const RowScratch<acc_t>& R,
-                  RowError& err) {
-  dense_rows_body<DIV, GRAD, true>(P, S, T, valid, W, loss, G, r0, r1, R, err);
-}
-
-template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
-__attribute__((target("avx2,fma,f16c"))) void dense_rows_avx2(const RowParams<acc_t>& P, const scalar_t* S,
-                                                         const scalar_t* T, const bool* valid, const acc_t* W,
-                                                         acc_t* loss, scalar_t* G, int64_t r0, int64_t r1,
-                                                         const RowScratch<acc_t>& R, RowError& err) {
-  dense_rows_body<DIV, GRAD, true>(P, S, T, valid, W, loss, G, r0, r1, R, err);
-}
-
-#endif  // SDFT_X86_CLONES
-
-template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
-void dense_rows_base(const RowParams<acc_t>& P, const scalar_t* S, const scalar_t* T, const bool* valid,
-                     const acc_t* W, acc_t* loss, scalar_t* G, int64_t r0, int64_t r1,
-                     const RowScratch<acc_t>& R, RowError& err) {
-  dense_rows_body<DIV, GRAD, kBaseHwHalf>(P, S, T, valid, W, loss, G, r0, r1, R, err);
-}
-
 template <int64_t DIV, bool GRAD, typename scalar_t>
 void run_dense(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid, const at::Tensor* w, at::Tensor& loss,
                at::Tensor& grad, double beta, double temperature) {
@@ -84,22 +57,28 @@ void run_dense(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid
   acc_t* L = loss.mutable_data_ptr<acc_t>();
   scalar_t* G = GRAD ? grad.mutable_data_ptr<scalar_t>() : nullptr;
   RowError err;
-  const Isa isa = cpu_isa();
   at::parallel_for(0, N, row_grain(V), [&](int64_t r0, int64_t r1) {
     // Per-thread scratch: the row's exps (student, teacher) and the running max of each chunk.
     const int64_t nc = (V + CH - 1) / CH;
     std::vector<acc_t> buf(2 * V + 2 * nc);
     const RowScratch<acc_t> R{buf.data(), buf.data() + V, buf.data() + 2 * V, buf.data() + 2 * V + nc};
-#if SDFT_X86_CLONES
-    if (isa == Isa::kAvx512)
-      dense_rows_avx512<DIV, GRAD>(P, S, T, vd, W, L, G, r0, r1, R, err);
-    else if (isa == Isa::kAvx2)
-      dense_rows_avx2<DIV, GRAD>(P, S, T, vd, W, L, G, r0, r1, R, err);
-    else
-#endif
-      dense_rows_base<DIV, GRAD>(P, S, T, vd, W, L, G, r0, r1, R, err);
+    on_widest_isa([&](auto hw) SDFT_INLINE_ROWS {
+      dense_rows_body<DIV, GRAD, decltype(hw)::value>(P, S, T, vd, W, L, G, r0, r1, R, err);
+    });
   });
   err.raise("student_logits", "teacher_logits");
+}
+
+// run_dense for the runtime dtype, divergence and gradient flag. w: row weights or an undefined tensor.
+void dense_dispatch(const at::Tensor& s, const at::Tensor& t, const at::Tensor& v, const at::Tensor& w,
+                    at::Tensor& loss, at::Tensor& grad, int64_t div, bool compute_grad, double beta,
+                    double temperature) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "distill_dense_cpu", [&] {
+    dispatch_div_grad(div, compute_grad, [&](auto DIVC, auto GRADC) {
+      run_dense<decltype(DIVC)::value, decltype(GRADC)::value, scalar_t>(s, t, v, w.defined() ? &w : nullptr,
+                                                                         loss, grad, beta, temperature);
+    });
+  });
 }
 
 }  // namespace
@@ -120,12 +99,7 @@ std::tuple<at::Tensor, at::Tensor> distill_dense_cpu(const at::Tensor& student_l
   at::Tensor loss = at::empty({N}, s.options().dtype(loss_dtype(s.scalar_type())));
   at::Tensor grad = at::empty({compute_grad ? N : 0, compute_grad ? V : 0}, s.options());
   advise_huge_pages(grad);
-  const int64_t div = effective_divergence(divergence, beta);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "distill_dense_cpu", [&] {
-    dispatch_div_grad(div, compute_grad, [&](auto DIVC, auto GRADC) {
-      run_dense<decltype(DIVC)::value, decltype(GRADC)::value, scalar_t>(s, t, v, w.defined() ? &w : nullptr, loss, grad, beta, temperature);
-    });
-  });
+  dense_dispatch(s, t, v, w, loss, grad, effective_divergence(divergence, beta), compute_grad, beta, temperature);
   return {loss, grad};
 }
 
@@ -142,12 +116,7 @@ at::Tensor distill_dense_inplace_cpu(const at::Tensor& student_logits, const at:
   const at::Tensor t = teacher_logits.contiguous(), v = valid.contiguous();
   at::Tensor s = student_logits;
   at::Tensor loss = at::empty({s.size(0)}, s.options().dtype(loss_dtype(s.scalar_type())));
-  const int64_t div = effective_divergence(divergence, beta);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "distill_dense_inplace_cpu", [&] {
-    dispatch_div_grad(div, true, [&](auto DIVC, auto GRADC) {
-      run_dense<decltype(DIVC)::value, decltype(GRADC)::value, scalar_t>(s, t, v, w.defined() ? &w : nullptr, loss, s, beta, temperature);
-    });
-  });
+  dense_dispatch(s, t, v, w, loss, s, effective_divergence(divergence, beta), true, beta, temperature);
   return loss;
 }
 

@@ -59,6 +59,26 @@ inline Isa cpu_isa() {
   return isa;
 }
 
+// Runs rows(hw_half), one thread's row loop, compiled for the widest ISA cpu_isa() allows: rows is a
+// lambda marked SDFT_INLINE_ROWS taking std::integral_constant<bool, HW_HALF> (whether fp16 may convert
+// with _Float16 in hardware). Forced inline into each target clone below, it is compiled once per ISA.
+#define SDFT_INLINE_ROWS __attribute__((always_inline))
+#if SDFT_X86_CLONES
+template <typename F>
+__attribute__((target(SDFT_AVX512_TARGET))) void rows_avx512(const F& rows) { rows(std::true_type{}); }
+template <typename F>
+__attribute__((target("avx2,fma,f16c"))) void rows_avx2(const F& rows) { rows(std::true_type{}); }
+#endif
+template <typename F>
+void on_widest_isa(const F& rows) {
+#if SDFT_X86_CLONES
+  const Isa isa = cpu_isa();
+  if (isa == Isa::kAvx512) return rows_avx512(rows);
+  if (isa == Isa::kAvx2) return rows_avx2(rows);
+#endif
+  rows(std::integral_constant<bool, kBaseHwHalf>{});
+}
+
 // Rows per parallel task: a few rows when V is small so that a task has >= ~32k elements of work.
 inline int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
 

@@ -26,8 +26,8 @@ namespace sdft::distill::cpu {
 namespace {
 
 
-// One row; returns 0 or a RowError code. bf16/fp16 rows are first converted into e (float), so the max
-// and exp loops run on floats and vectorise; e then holds the exps in place.
+// One row; returns 0 or a RowError code. The row is first converted (bf16/fp16) or copied into e, so the
+// max and exp loops run on a float scratch row and vectorise; e then holds the exps in place.
 template <bool HW_HALF, typename scalar_t, typename acc_t>
 C10_ALWAYS_INLINE int topk_row(int64_t div, bool grad, const RowParams<acc_t>& P, const scalar_t* z,
                                const acc_t* lpk, const int64_t* idx, int64_t k, scalar_t* g, acc_t* e,
@@ -35,7 +35,7 @@ C10_ALWAYS_INLINE int topk_row(int64_t div, bool grad, const RowParams<acc_t>& P
   constexpr bool kConv = !std::is_same_v<scalar_t, acc_t>;
   const int64_t V = P.V;
   const acc_t it = P.inv_tau, inf = std::numeric_limits<acc_t>::infinity();
-  const acc_t* zf = chunk_in<HW_HALF>(z, V, e);  // z itself for float32 / float64
+  const acc_t* zf = chunk_in<HW_HALF>(z, V, e);
   const acc_t ms = row_max<acc_t, acc_t>(zf, V) * it;
   const acc_t zs = exp_row(zf, e, V, it, ms);
   if (!(zs >= acc_t(1))) return 1;
@@ -132,25 +132,6 @@ C10_ALWAYS_INLINE void topk_rows_body(const TopkRows<scalar_t, acc_t>& a, int64_
   }
 }
 
-// The same ISA clones as the dense kernel (distill.cpp).
-#if SDFT_X86_CLONES
-template <typename scalar_t, typename acc_t>
-__attribute__((target(SDFT_AVX512_TARGET))) void topk_rows_avx512(const TopkRows<scalar_t, acc_t>& a, int64_t r0,
-                                                                  int64_t r1, acc_t* e, uint8_t* mark, acc_t* bl) {
-  topk_rows_body<true>(a, r0, r1, e, mark, bl);
-}
-template <typename scalar_t, typename acc_t>
-__attribute__((target("avx2,fma,f16c"))) void topk_rows_avx2(const TopkRows<scalar_t, acc_t>& a, int64_t r0,
-                                                              int64_t r1, acc_t* e, uint8_t* mark, acc_t* bl) {
-  topk_rows_body<true>(a, r0, r1, e, mark, bl);
-}
-#endif
-template <typename scalar_t, typename acc_t>
-void topk_rows_base(const TopkRows<scalar_t, acc_t>& a, int64_t r0, int64_t r1, acc_t* e, uint8_t* mark,
-                    acc_t* bl) {
-  topk_rows_body<kBaseHwHalf>(a, r0, r1, e, mark, bl);
-}
-
 template <typename scalar_t>
 void run_topk(const at::Tensor& s, const at::Tensor& lpk, const at::Tensor& idx, const at::Tensor& valid,
               at::Tensor& loss, at::Tensor& grad, int64_t div, double beta, double temperature, bool compute_grad) {
@@ -163,18 +144,12 @@ void run_topk(const at::Tensor& s, const at::Tensor& lpk, const at::Tensor& idx,
                                     loss.mutable_data_ptr<acc_t>(),
                                     compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr, k, div,
                                     compute_grad, err};
-  const Isa isa = cpu_isa();
   at::parallel_for(0, N, row_grain(V), [&](int64_t r0, int64_t r1) {
     std::vector<acc_t> e(V), bl(2 * (k + 1));
     std::vector<uint8_t> mark(V, 0);
-#if SDFT_X86_CLONES
-    if (isa == Isa::kAvx512)
-      topk_rows_avx512(a, r0, r1, e.data(), mark.data(), bl.data());
-    else if (isa == Isa::kAvx2)
-      topk_rows_avx2(a, r0, r1, e.data(), mark.data(), bl.data());
-    else
-#endif
-      topk_rows_base(a, r0, r1, e.data(), mark.data(), bl.data());
+    on_widest_isa([&](auto hw) SDFT_INLINE_ROWS {
+      topk_rows_body<decltype(hw)::value>(a, r0, r1, e.data(), mark.data(), bl.data());
+    });
   });
   err.raise("student_logits", "teacher_topk_logprobs");
 }
