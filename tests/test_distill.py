@@ -347,15 +347,16 @@ def test_cuda_nan_reported():
         distill_loss(s.cuda(), t.cuda())
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("divergence", DIVS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_inplace_op_equals_out_of_place(divergence, dtype):
-    """distill_dense_inplace_ (used by the CPU fused linear path) writes exactly distill_dense's gradient
+def test_inplace_op_equals_out_of_place(divergence, dtype, device):
+    """distill_dense_inplace_ (used by the fused linear path) writes exactly distill_dense's gradient
     over the student logits, over several chunks, with ignored rows and row weights."""
     s, t = _chunked_rows(torch.float64)
-    s, t = s.to(dtype), t.to(dtype)
-    valid = torch.tensor([True, True, False, True])
-    w = torch.tensor([0.5, 1.0, 1.0, 2.0])
+    s, t = s.to(device, dtype), t.to(device, dtype)
+    valid = torch.tensor([True, True, False, True], device=device)
+    w = torch.tensor([0.5, 1.0, 1.0, 2.0], device=device)
     ops = torch.ops.sdft_kernels
     loss, g = ops.distill_dense(s, t, valid, w, DIVERGENCES[divergence], 0.3, 1.5, True)
     buf = s.clone()

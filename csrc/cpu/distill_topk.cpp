@@ -36,7 +36,7 @@ C10_ALWAYS_INLINE int topk_row(int64_t div, bool grad, const RowParams<acc_t>& P
   const int64_t V = P.V;
   const acc_t it = P.inv_tau, inf = std::numeric_limits<acc_t>::infinity();
   const acc_t* zf = chunk_in<HW_HALF>(z, V, e);
-  const acc_t ms = row_max<acc_t, acc_t>(zf, V) * it;
+  const acc_t ms = row_max(zf, V) * it;
   const acc_t zs = exp_row(zf, e, V, it, ms);
   if (!(zs >= acc_t(1))) return 1;
   const acc_t log_zs = std::log(zs), lzs = ms + log_zs;

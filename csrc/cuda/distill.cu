@@ -32,14 +32,17 @@ struct Params {
   acc_t inv_tau, beta, log_beta, log_1mbeta;
 };
 
+// S and G carry no __restrict__: distill_dense_inplace_ passes G == S. That is safe because every
+// element j is only ever touched by thread j % kBlock of its row's block, which reads z[j] in each pass
+// before (never after) writing g[j].
 template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kBlock) distill_dense_kernel(
-    const scalar_t* __restrict__ S,  // N x V student logits
+    const scalar_t* S,               // N x V student logits
     const scalar_t* __restrict__ T,  // N x V teacher logits
     const bool* __restrict__ valid,  // N
     const acc_t* __restrict__ W,     // N row weights of the gradient, or nullptr
     acc_t* __restrict__ loss,        // N
-    scalar_t* __restrict__ G,        // N x V gradient (unused unless GRAD)
+    scalar_t* G,                     // N x V gradient (unused unless GRAD); may be S
     Params<acc_t> P) {
   __shared__ acc_t red[2 * kBlock / 32 + 2];
   const int64_t row = blockIdx.x, V = P.V;
@@ -116,6 +119,17 @@ void launch_dense(const at::Tensor& s, const at::Tensor& t, const at::Tensor& va
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void dense_dispatch(const at::Tensor& s, const at::Tensor& t, const at::Tensor& v, const at::Tensor& w,
+                    at::Tensor& loss, at::Tensor& grad, int64_t div, bool compute_grad, double beta,
+                    double temperature) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "distill_dense_cuda", [&] {
+    sdft::distill::cpu::dispatch_div_grad(div, compute_grad, [&](auto DIVC, auto GRADC) {
+      launch_dense<decltype(DIVC)::value, decltype(GRADC)::value, scalar_t>(s, t, v, w, loss, grad, beta,
+                                                                            temperature);
+    });
+  });
+}
+
 }  // namespace
 
 // Same contract as distill_dense_cpu (csrc/cpu/distill.cpp).
@@ -133,18 +147,32 @@ std::tuple<at::Tensor, at::Tensor> distill_dense_cuda(const at::Tensor& student_
   const int64_t N = s.size(0), V = s.size(1);
   at::Tensor loss = at::empty({N}, s.options().dtype(sdft::distill::cpu::loss_dtype(s.scalar_type())));
   at::Tensor grad = at::empty({compute_grad ? N : 0, compute_grad ? V : 0}, s.options());
-  const int64_t div = effective_divergence(divergence, beta);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "distill_dense_cuda", [&] {
-    sdft::distill::cpu::dispatch_div_grad(div, compute_grad, [&](auto DIVC, auto GRADC) {
-      launch_dense<decltype(DIVC)::value, decltype(GRADC)::value, scalar_t>(s, t, v, w, loss, grad, beta,
-                                                                            temperature);
-    });
-  });
+  dense_dispatch(s, t, v, w, loss, grad, effective_divergence(divergence, beta), compute_grad, beta, temperature);
   return {loss, grad};
+}
+
+// Same contract as distill_dense_inplace_cpu: the gradient is written over student_logits.
+at::Tensor distill_dense_inplace_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                                      const at::Tensor& valid, const std::optional<at::Tensor>& row_weight,
+                                      int64_t divergence, double beta, double temperature) {
+  sdft::distill::cpu::check_dense_inputs(student_logits, teacher_logits, valid, row_weight, divergence, beta,
+                                         temperature);
+  TORCH_CHECK(student_logits.is_contiguous(), "student_logits: expected a contiguous tensor (the gradient is "
+              "written over it)");
+  TORCH_CHECK(student_logits.size(0) < (int64_t(1) << 31), "student_logits: at most 2^31 - 1 rows, got ",
+              student_logits.size(0));
+  const c10::cuda::CUDAGuard guard(student_logits.device());
+  const at::Tensor t = teacher_logits.contiguous(), v = valid.contiguous();
+  const at::Tensor w = row_weight.has_value() ? row_weight->contiguous() : at::Tensor();
+  at::Tensor s = student_logits;
+  at::Tensor loss = at::empty({s.size(0)}, s.options().dtype(sdft::distill::cpu::loss_dtype(s.scalar_type())));
+  dense_dispatch(s, t, v, w, loss, s, effective_divergence(divergence, beta), true, beta, temperature);
+  return loss;
 }
 
 }  // namespace sdft::distill::cuda
 
 TORCH_LIBRARY_IMPL(sdft_kernels, CUDA, m) {
   m.impl("distill_dense", &sdft::distill::cuda::distill_dense_cuda);
+  m.impl("distill_dense_inplace_", &sdft::distill::cuda::distill_dense_inplace_cuda);
 }

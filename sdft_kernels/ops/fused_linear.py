@@ -2,8 +2,8 @@
 by chunk over tokens, so the full N x V logits never exist.
 
 Per chunk of C tokens: student logits h_s W_s^T (+ b_s) and teacher logits h_t W_t^T (+ b_t) [C, V], the
-distill_dense kernel (loss rows + gradient w.r.t. the student logits, already weighted by the reduction;
-on CPU distill_dense_inplace_, which writes it over the chunk's student logits: no gradient buffer),
+distill_dense_inplace_ kernel (loss rows + gradient w.r.t. the student logits, already weighted by the
+reduction, written over the chunk's student logits: no gradient buffer),
 then grad_hidden[c] = G W_s and grad_weight += G^T h_s (float32 accumulator), grad_bias += sum G. Only
 those four matmuls run (no recomputation) for the scalar reductions; backward scales the accumulated
 gradients by the incoming scalar. reduction="none" cannot fold the per-token incoming gradient into the
@@ -17,7 +17,7 @@ from .distill import DIVERGENCES, check_options, row_weights, valid_rows
 
 __all__ = ["fused_linear_distill_loss", "DEFAULT_CHUNK_BYTES"]
 
-DEFAULT_CHUNK_BYTES = 256 * 2**20  # logits + gradient of one chunk (student, teacher, grad)
+DEFAULT_CHUNK_BYTES = 256 * 2**20  # one chunk's logits (student, overwritten by its gradient, and teacher)
 
 
 def _chunk_rows(n, vocab, elem_bytes, chunk_size):
@@ -25,7 +25,7 @@ def _chunk_rows(n, vocab, elem_bytes, chunk_size):
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
         return chunk_size
-    rows = DEFAULT_CHUNK_BYTES // max(1, 3 * vocab * elem_bytes)
+    rows = DEFAULT_CHUNK_BYTES // max(1, 2 * vocab * elem_bytes)
     if rows >= 64:
         rows -= rows % 64  # whole GEMM tiles
     return int(max(1, min(n, rows)))
@@ -59,11 +59,11 @@ def _chunks(sh, sw, sb, th, tw, tb, valid, row_w, div, beta, tau, vocab, chunk, 
         s_logits = _linear_into(s_buf[:c1 - c0], hs, sw[:vocab], None if sb is None else sb[:vocab])
         t_logits = _linear_into(t_buf[:c1 - c0], th[c0:c1], tw[:vocab], None if tb is None else tb[:vocab])
         w = None if row_w is None else row_w[c0:c1]  # the kernel scales each row's gradient by its weight
-        if grad and sh.device.type == "cpu":  # the gradient overwrites the chunk's logits: no new buffer
+        if grad:  # the gradient overwrites the chunk's logits: no new buffer
             loss = torch.ops.sdft_kernels.distill_dense_inplace_(s_logits, t_logits, valid[c0:c1], w, div, beta, tau)
             g = s_logits
         else:
-            loss, g = torch.ops.sdft_kernels.distill_dense(s_logits, t_logits, valid[c0:c1], w, div, beta, tau, grad)
+            loss, _ = torch.ops.sdft_kernels.distill_dense(s_logits, t_logits, valid[c0:c1], w, div, beta, tau, False)
         rows[c0:c1] = loss
         del s_logits, t_logits
         if not grad:
@@ -129,8 +129,8 @@ def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, te
     (Ht may differ from Hs), biases [V] / [V'] or None; all floating, student and teacher each in one
     dtype, on one device. V != V' raises unless vocab_alignment="shared_prefix": both vocabularies are
     then cut to their first min(V, V') entries (the student's extra rows of student_weight get no
-    gradient). chunk_size: tokens per chunk (default: as many as fit DEFAULT_CHUNK_BYTES of logits +
-    gradient). Gradients flow to student_hidden, student_weight and student_bias (weight and bias
+    gradient). chunk_size: tokens per chunk (default: as many as fit DEFAULT_CHUNK_BYTES of student and
+    teacher logits; the gradient overwrites the student's). Gradients flow to student_hidden, student_weight and student_bias (weight and bias
     gradients accumulate in float32); the teacher gets none. Other options as in distill_loss.
     """
     names = (("student_hidden", student_hidden), ("student_weight", student_weight),
