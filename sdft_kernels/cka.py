@@ -189,6 +189,9 @@ class LinearCKA:
     Per batch each layer's features are shifted by their (rounded) batch mean and multiplied in the input
     precision (float32 for fp32/bf16/fp16; TF32 off), then merged into float64 centred co-moments with
     Chan's formula (csrc/common/cka_math.h). A layer's self-moment is shared by all pairs using it.
+    Memory beyond the float64 state: the shifted copies of the layers in use at once (two for diagonal
+    pairs; for "all", every teacher layer plus one student layer) and one d x d product, kept between
+    updates as scratch so that a stream of batches allocates nothing new.
     """
 
     def __init__(self, pairs="diagonal", debiased: bool = False, drop_first: int = 0):
