@@ -39,9 +39,10 @@ TORCH_LIBRARY(sdft_kernels, m) {
   // upper=True: raw is a self-moment of which only the upper triangle was computed (read it mirrored).
   m.def("cka_comoment_merge_(Tensor(a!) acc, Tensor raw, Tensor r_x, Tensor r_y, float n_b, Tensor d_x, "
         "Tensor d_y, float w, bool upper=False) -> ()");
-  // U-centring of a stack of Gram matrices [L, b, b] (zero diagonal; unbiased HSIC = <U(K),U(L)>/(b(b-3)));
-  // upper=True: only the upper triangles of the Grams are valid (read mirrored); the output is full.
-  m.def("cka_ucentre(Tensor gram, bool upper=False) -> Tensor");
+  // U-centring, in place, of a contiguous stack of Gram matrices [L, b, b] (zero diagonal; unbiased
+  // HSIC = <U(K),U(L)>/(b(b-3))); upper=True: only the upper triangles are valid on input (read
+  // mirrored); on output the matrices are full.
+  m.def("cka_ucentre_(Tensor(a!) gram, bool upper=False) -> ()");
   // Tiled kernel-HSIC statistics of x [n, d], y [n, e]: (sums [3], row sums [2, n], diagonals [2, n]);
   // shift_x [d] / shift_y [e] are subtracted from every row first (the column means; no copy on CPU).
   m.def("kernel_hsic_stats(Tensor x, Tensor y, int kernel, float gamma_x, float gamma_y, int tile, "

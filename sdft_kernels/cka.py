@@ -138,6 +138,15 @@ def _self_moment(u, blocks=4, out=None):
     return out, True
 
 
+def _scratch(cache: dict, shape, dtype, device):
+    """A buffer of this shape kept in `cache` across calls: fresh large tensors are mmapped and faulted in
+    page by page on every allocation, which costs more than the work done in them."""
+    key = (tuple(shape), dtype, device)
+    if key not in cache:
+        cache[key] = torch.empty(shape, dtype=dtype, device=device)
+    return cache[key]
+
+
 def _check_drop_first(drop_first):
     if not isinstance(drop_first, int) or drop_first < 0:
         raise ValueError(f"drop_first: expected an int >= 0, got {drop_first!r}")
@@ -270,7 +279,7 @@ class LinearCKA:
             (ua, uca, sqa), (ub, ucb, sqb) = layer(a), layer(b)
             if self.debiased:
                 ext[k] = (sqa @ sqb, ucb.T @ sqa, uca.T @ sqb)
-            buf = self._raw_buffer((self._width(a), self._width(b)), ua.dtype, ua.device)
+            buf = _scratch(self._raw_bufs, (self._width(a), self._width(b)), ua.dtype, ua.device)
             out = _self_moment(ua, out=buf) if a == b else (torch.mm(ua.T, ub, out=buf), False)
             for c in {a, b}:
                 left[c] -= 1
@@ -286,12 +295,6 @@ class LinearCKA:
     def _take(self, shape, dtype, device):
         bufs = self._pool.get((tuple(shape), dtype, device))
         return bufs.pop() if bufs else torch.empty(shape, dtype=dtype, device=device)
-
-    def _raw_buffer(self, shape, dtype, device):
-        key = (shape, dtype, device)
-        if key not in self._raw_bufs:
-            self._raw_bufs[key] = torch.empty(shape, dtype=dtype, device=device)
-        return self._raw_bufs[key]
 
     def _merge(self, n_q, mean_q, mom_q, r_q, ext_q, tr_q, dev):
         """Merge a part (n_q tokens; float64 means; co-moments about the shifts whose residuals are r_q,
@@ -506,6 +509,7 @@ class MinibatchCKA:
         self.hxy = self.hxx = self.hyy = None
         self.batches, self.n = 0, 0
         self._grams = None
+        self._shifted = {}  # scratch: one centred [b, d] layer buffer per width (not part of the state)
         return self
 
     def _gram_buffer(self, shape, dtype, device):
@@ -535,15 +539,17 @@ class MinibatchCKA:
             grams = self._gram_buffer((nx + len(fy), b, b), wdt, dev)
             upper = b >= 256  # symmetric Grams from the upper block triangle only
             w = -(-b // (4 if b >= 512 else 2))  # 4 row blocks: 10/16 of the flops, 2: 3/4
+            if any(k[0][0] != b for k in self._shifted):
+                self._shifted = {}
             for i, (t, mu) in enumerate(zip(fx + fy, means)):
-                u = _shift(t.to(wdt), mu.to(wdt))[0]  # centring is not needed by U-centring; it conditions the Gram
+                # centring is not needed by U-centring; it conditions the Gram
+                u = _shift(t.to(wdt), mu.to(wdt), out=_scratch(self._shifted, t.shape, wdt, dev))[0]
                 if upper:
                     for r0 in range(0, b, w):
                         torch.mm(u[r0:r0 + w], u[r0:].T, out=grams[i, r0:r0 + w, r0:])  # in place
                 else:
                     torch.mm(u, u.T, out=grams[i])
-            uc = _k.ucentre(grams, upper)
-            del grams
+            uc = _k.ucentre_(grams, upper)  # in the kept buffer
             # All inner products <U(K_i), U(K_j)> from one (L x b^2)(b^2 x L) product, split over row chunks
             # (views, no copies): each chunk's GEMM runs in the working precision, chunks add in float64.
             nl = nx + len(fy)

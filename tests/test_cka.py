@@ -198,10 +198,10 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_ucentre_op_matches_formula_and_opcheck():
-    from sdft_kernels.ops.cka import ucentre
+    from sdft_kernels.ops.cka import ucentre_
     g = torch.randn(3, 9, 9, dtype=torch.float64)
     g = g + g.transpose(1, 2)
-    u = ucentre(g)
+    u = ucentre_(g.clone())
     n = 9
     for k in range(3):
         kt = g[k] - torch.diag(torch.diagonal(g[k]))
@@ -209,7 +209,9 @@ def test_ucentre_op_matches_formula_and_opcheck():
         ref = kt - r[:, None] / (n - 2) - r[None, :] / (n - 2) + kt.sum() / ((n - 1) * (n - 2))
         ref.fill_diagonal_(0)
         torch.testing.assert_close(u[k], ref, rtol=0, atol=1e-12)
-    torch.library.opcheck(torch.ops.sdft_kernels.cka_ucentre.default, (g,))
+    torch.library.opcheck(torch.ops.sdft_kernels.cka_ucentre_.default, (g.clone(),))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ucentre_(g.transpose(1, 2))
 
 
 @pytest.mark.cuda
@@ -244,8 +246,8 @@ def test_minibatch_large_batch_upper_gram_path_and_ucentre_upper():
     xs, ys = _layers(n=300, widths=(6, 5), tw=(4,), offset=10.0)
     got = MinibatchCKA().update(xs, ys).compute().numpy()
     np.testing.assert_allclose(got, R.minibatch_cka([xs], [ys]), rtol=0, atol=1e-12)
-    from sdft_kernels.ops.cka import ucentre
+    from sdft_kernels.ops.cka import ucentre_
     g = torch.randn(2, 7, 7, dtype=torch.float64)
     g = g + g.transpose(1, 2)
-    torch.testing.assert_close(ucentre(torch.triu(g) + 1e30 * torch.tril(torch.ones(7, 7), -1), upper=True),
-                               ucentre(g), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ucentre_(torch.triu(g) + 1e30 * torch.tril(torch.ones(7, 7), -1), upper=True),
+                               ucentre_(g.clone()), rtol=0, atol=1e-12)

@@ -1,6 +1,6 @@
 // CUDA kernels for the streamed-moment CKA estimators (CPU twins in csrc/cpu/cka_moments.cpp):
 //   cka_comoment_merge_ : Chan's merge of a batch co-moment into the float64 accumulator (element-wise)
-//   cka_ucentre         : U-centring of a stack of b x b Grams (row sums -> totals -> element-wise)
+//   cka_ucentre_        : in-place U-centring of a stack of b x b Grams (row sums -> totals -> element-wise)
 // The per-element math comes from csrc/common/cka_math.h, which the CPU tests cover.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -125,19 +125,22 @@ void cka_comoment_merge_cuda(const at::Tensor& acc, const at::Tensor& raw, const
   });
 }
 
-at::Tensor cka_ucentre_cuda(const at::Tensor& gram, bool upper) {
-  // gram: L x b x b symmetric (float32/float64; upper: only upper triangles valid) -> U-centred, same dtype.
+void cka_ucentre_cuda(const at::Tensor& gram, bool upper) {
+  // gram: L x b x b symmetric (float32/float64, contiguous; upper: only upper triangles valid), U-centred in
+  // place. The apply kernel reads mirrored elements that other threads rewrite, so it writes a temporary
+  // (from the caching allocator: no page faults on CUDA) that is copied back.
   TORCH_CHECK(gram.dim() == 3 && gram.size(1) == gram.size(2), "gram: expected [L, b, b], got ", gram.sizes());
   TORCH_CHECK(gram.scalar_type() == at::kFloat || gram.scalar_type() == at::kDouble,
               "gram: expected float32 or float64, got ", gram.scalar_type());
+  TORCH_CHECK(gram.is_contiguous(), "gram: expected a contiguous tensor (it is U-centred in place)");
   const int64_t nl = gram.size(0), b = gram.size(1);
   TORCH_CHECK(b > 3, "gram: U-centring needs a batch of more than 3 samples, got ", b);
   const c10::cuda::CUDAGuard guard(gram.device());
-  auto g = gram.contiguous();
+  const auto& g = gram;
   auto out = at::empty_like(g);
   auto r = at::empty({nl, b}, g.options().dtype(at::kDouble));
   auto total = at::empty({nl}, g.options().dtype(at::kDouble));
-  if (nl == 0) return out;
+  if (nl == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cka_ucentre_cuda", [&] {
     ucentre_rows_kernel<scalar_t><<<nl * b, kThreads, 0, stream>>>(g.data_ptr<scalar_t>(), r.data_ptr<double>(), b, upper);
@@ -148,12 +151,12 @@ at::Tensor cka_ucentre_cuda(const at::Tensor& gram, bool upper) {
         g.data_ptr<scalar_t>(), r.data_ptr<double>(), total.data_ptr<double>(), out.data_ptr<scalar_t>(), nl, b, upper);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  gram.copy_(out);
 }
 
 }  // namespace sdft
 
 TORCH_LIBRARY_IMPL(sdft_kernels, CUDA, m) {
   m.impl("cka_comoment_merge_", &sdft::cka_comoment_merge_cuda);
-  m.impl("cka_ucentre", &sdft::cka_ucentre_cuda);
+  m.impl("cka_ucentre_", &sdft::cka_ucentre_cuda);
 }

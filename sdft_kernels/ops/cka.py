@@ -8,7 +8,7 @@ import torch
 
 _ops = torch.ops.sdft_kernels
 
-__all__ = ["comoment_merge_", "ucentre", "kernel_hsic_stats", "KERNELS"]
+__all__ = ["comoment_merge_", "ucentre_", "kernel_hsic_stats", "KERNELS"]
 
 KERNELS = {"linear": 0, "rbf": 1}
 
@@ -20,10 +20,11 @@ def comoment_merge_(acc: torch.Tensor, raw: torch.Tensor, r_x: torch.Tensor, r_y
     _ops.cka_comoment_merge_.default(acc, raw, r_x, r_y, float(n_b), d_x, d_y, float(w), bool(upper))
 
 
-def ucentre(gram: torch.Tensor, upper: bool = False) -> torch.Tensor:
-    """U-centred copies of a stack of symmetric Gram matrices [L, b, b] (b > 3), same dtype.
-    upper=True: only the upper triangles of `gram` hold values (read mirrored); the output is full."""
-    return _ops.cka_ucentre.default(gram, bool(upper))
+def ucentre_(gram: torch.Tensor, upper: bool = False) -> torch.Tensor:
+    """U-centre a contiguous stack of symmetric Gram matrices [L, b, b] (b > 3) in place; returns gram.
+    upper=True: only the upper triangles hold values on input (read mirrored); on output they are full."""
+    _ops.cka_ucentre_.default(gram, bool(upper))
+    return gram
 
 
 def kernel_hsic_stats(x: torch.Tensor, y: torch.Tensor, kernel: str, gamma_x: float, gamma_y: float,
@@ -35,9 +36,9 @@ def kernel_hsic_stats(x: torch.Tensor, y: torch.Tensor, kernel: str, gamma_x: fl
                                           shift_x, shift_y)
 
 
-@torch.library.register_fake("sdft_kernels::cka_ucentre")
+@torch.library.register_fake("sdft_kernels::cka_ucentre_")
 def _ucentre_fake(gram, upper=False):
-    return torch.empty_like(gram)
+    return None
 
 
 @torch.library.register_fake("sdft_kernels::kernel_hsic_stats")
