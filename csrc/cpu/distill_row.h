@@ -33,9 +33,6 @@ C10_ALWAYS_INLINE acc_t lanes_sum(const acc_t* a) {
   return s;
 }
 
-// Max of x[0, n) ignoring NaN (-inf if n == 0), in W-lane vectors of GCC's vector extension: GCC leaves
-// a float compare-and-select max over an array of lanes scalar (it was a third of the dense kernel's time
-// on Intel Xeon), but a vector-typed select compiles to the clone's compare + blend instructions.
 template <typename acc_t>
 struct Lanes;  // W lanes of acc_t as one GCC vector-extension value
 template <>
@@ -47,6 +44,9 @@ struct Lanes<double> {
   typedef double type __attribute__((vector_size(W * sizeof(double))));
 };
 
+// Max of x[0, n) ignoring NaN (-inf if n == 0), in W-lane vectors of GCC's vector extension: GCC leaves
+// a float compare-and-select max over an array of lanes scalar (it was a third of the dense kernel's time
+// on Intel Xeon), but a vector-typed select compiles to the clone's compare + blend instructions.
 template <typename acc_t>
 C10_ALWAYS_INLINE acc_t row_max(const acc_t* x, int64_t n) {
   using Vec = typename Lanes<acc_t>::type;
