@@ -25,7 +25,7 @@ TORCH_LIBRARY(sdft_kernels, m) {
         "int divergence, float beta, float temperature, bool compute_grad) -> (Tensor, Tensor)");
   // The same with the gradient written over student_logits (contiguous; a scratch buffer the caller
   // owns, e.g. fused_linear_distill_loss's chunk logits): no gradient-sized allocation. Returns loss [N].
-  // CPU only (the CUDA fused path calls distill_dense).
+  // CPU and CUDA.
   m.def("distill_dense_inplace_(Tensor(a!) student_logits, Tensor teacher_logits, Tensor valid, "
         "Tensor? row_weight, int divergence, float beta, float temperature) -> Tensor");
   // Top-k teacher: teacher_topk_logprobs [N, k] (float32, float64 for float64 logits) and
