@@ -117,7 +117,7 @@ def _shift(x, s, out=None):
     u = x - s has small values that are exact (or nearly) in the working precision, so its GEMM loses
     nothing to the mean; r = mean(u) is tiny and corrected exactly in float64 (C = u'u - n r r');
     mean = s + r in float64. No float64 copy of the features is made; u is written into `out` if given."""
-    u = torch.sub(x, s, out=out) if out is not None else x - s
+    u = torch.sub(x, s, out=out)
     r = u.mean(dim=0).double()
     return u, s.double() + r, r
 
@@ -509,17 +509,11 @@ class MinibatchCKA:
     def reset(self):
         self.hxy = self.hxx = self.hyy = None
         self.batches, self.n = 0, 0
-        self._grams = None
-        self._shifted = {}  # scratch: one centred [b, d] layer buffer per width (not part of the state)
+        # Scratch of the latest batch size b (not part of the state): the [L, b, b] Grams and one centred
+        # [b, d] layer per width. A fresh Gram stack per batch faulted in L b^2 new pages each time (a
+        # tenth of the update's time at L=24, b=1024 on CPU).
+        self._bufs = {}
         return self
-
-    def _gram_buffer(self, shape, dtype, device):
-        """The [L, b, b] Gram buffer, kept across updates of one batch size: a fresh one per batch
-        would fault in L b^2 new pages each time (a tenth of the update's time at L=24, b=1024 on CPU)."""
-        g = self._grams
-        if g is None or tuple(g.shape) != shape or g.dtype != dtype or g.device != device:
-            g = self._grams = torch.empty(shape, dtype=dtype, device=device)
-        return g
 
     @property
     def tokens(self) -> int:
@@ -536,15 +530,15 @@ class MinibatchCKA:
         nx = len(fx)
         dev = fx[0].device
         wdt = torch.float64 if all(t.dtype == torch.float64 for t in fx + fy) else torch.float32
+        self._bufs = {b: self._bufs.get(b, {})}  # drop the buffers of other batch sizes
+        bufs = self._bufs[b]
         with torch.no_grad(), _no_tf32(dev):
-            grams = self._gram_buffer((nx + len(fy), b, b), wdt, dev)
+            grams = _scratch(bufs, (nx + len(fy), b, b), wdt, dev)
             upper = b >= 256  # symmetric Grams from the upper block triangle only
             w = -(-b // (4 if b >= 512 else 2))  # 4 row blocks: 10/16 of the flops, 2: 3/4
-            if any(k[0][0] != b for k in self._shifted):
-                self._shifted = {}
             for i, (t, mu) in enumerate(zip(fx + fy, means)):
                 # centring is not needed by U-centring; it conditions the Gram
-                u = _shift(t.to(wdt), mu.to(wdt), out=_scratch(self._shifted, t.shape, wdt, dev))[0]
+                u = _shift(t.to(wdt), mu.to(wdt), out=_scratch(bufs, t.shape, wdt, dev))[0]
                 if upper:
                     for r0 in range(0, b, w):
                         torch.mm(u[r0:r0 + w], u[r0:].T, out=grams[i, r0:r0 + w, r0:])  # in place

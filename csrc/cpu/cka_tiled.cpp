@@ -47,14 +47,15 @@ at::Tensor shifted_rows(const at::Tensor& x, const at::Tensor& shift, int64_t r0
   return at::sub_out(out, rows, shift);
 }
 
-// One thread's scratch, allocated once per thread: two shifted row tiles and one kernel tile. Every tile
-// is written into it, so the tile loop allocates nothing (with per-tile temporaries, malloc handed the
-// memory back to the OS and faulted it in again: n=65536 took 30 s instead of 18.5 s under the
-// benchmark's malloc settings).
+// One thread's scratch, allocated once per thread: two shifted row tiles (empty without a shift: the
+// rows are then views of x) and one kernel tile. Every tile is written into it, so the tile loop
+// allocates nothing (with per-tile temporaries, malloc handed the memory back to the OS and faulted it
+// in again: n=65536 took 30 s instead of 18.5 s under the benchmark's malloc settings).
 struct TileScratch {
   at::Tensor ri, rj, kt;
-  TileScratch(const at::Tensor& x, int64_t tile)
-      : ri(at::empty({tile * x.size(1)}, x.options())), rj(at::empty({tile * x.size(1)}, x.options())),
+  TileScratch(const at::Tensor& x, const at::Tensor& shift, int64_t tile)
+      : ri(at::empty({shift.defined() ? tile * x.size(1) : 0}, x.options())),
+        rj(at::empty({shift.defined() ? tile * x.size(1) : 0}, x.options())),
         kt(at::empty({tile * tile}, x.options())) {}
 };
 
@@ -195,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_hsic_stats_cpu(const at::T
       double* rl = rk + n;
       double* sums = sums_p + tid * 3;
       const int64_t t = std::min(tile, n);
-      TileScratch scx(xc, t), scy(yc, t);
+      TileScratch scx(xc, sx, t), scy(yc, sy, t);
       for (int64_t p = lo; p < hi; ++p) {
         const int64_t i0 = pairs[p].first * tile, j0 = pairs[p].second * tile;
         const int64_t ti = std::min(tile, n - i0), tj = std::min(tile, n - j0);

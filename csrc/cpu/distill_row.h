@@ -66,18 +66,18 @@ C10_ALWAYS_INLINE acc_t row_max(const acc_t* x, int64_t n) {
 }
 
 // e[j] = exp(x[j] * inv_tau - mx); returns sum e. mx = -inf or NaN poisons the sum (detected).
-template <typename scalar_t, typename acc_t>
-C10_ALWAYS_INLINE acc_t exp_row(const scalar_t* x, acc_t* e, int64_t V, acc_t inv_tau, acc_t mx) {
+template <typename acc_t>
+C10_ALWAYS_INLINE acc_t exp_row(const acc_t* x, acc_t* e, int64_t V, acc_t inv_tau, acc_t mx) {
   acc_t s[W] = {};
   int64_t j = 0;
   for (; j + W <= V; j += W)
     for (int64_t l = 0; l < W; ++l) {
-      const acc_t v = fast_exp(static_cast<acc_t>(x[j + l]) * inv_tau - mx);
+      const acc_t v = fast_exp(x[j + l] * inv_tau - mx);
       e[j + l] = v;
       s[l] += v;
     }
   for (; j < V; ++j) {
-    const acc_t v = fast_exp(static_cast<acc_t>(x[j]) * inv_tau - mx);
+    const acc_t v = fast_exp(x[j] * inv_tau - mx);
     e[j] = v;
     s[0] += v;
   }
