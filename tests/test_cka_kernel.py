@@ -125,3 +125,14 @@ def test_cuda_tiled_matches_cpu(kernel):
     got = kernel_hsic_stats(x.cuda(), y.cuda(), kernel, 0.01, 0.02, 128, sx.cuda(), sy.cuda())
     for g, w in zip(got, kernel_hsic_stats(x, y, kernel, 0.01, 0.02, 128, sx, sy)):
         torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_cuda_tiled_float64_keeps_float64_precision(kernel):
+    # float64 tiles must be formed in float64 on CUDA as on CPU (a float32 dot product would agree only to
+    # ~1e-7 relative, and RBF distances of near points cancel badly in float32).
+    x, y = _pair(n=300, d=70, e=33, dtype=torch.float64)
+    for c, g in zip(kernel_hsic_stats(x, y, kernel, 0.01, 0.02, 128),
+                    kernel_hsic_stats(x.cuda(), y.cuda(), kernel, 0.01, 0.02, 128)):
+        torch.testing.assert_close(g.cpu(), c, rtol=1e-11, atol=1e-10)

@@ -17,6 +17,7 @@
 
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "common/checks.h"
 #include "common/cka_math.h"
@@ -28,13 +29,27 @@ constexpr int kTile = 64;   // tokens per tile side
 constexpr int kChunk = 16;  // features staged per shared-memory step
 constexpr int kThreads = 256;  // 16 x 16 threads, each 4 x 4 outputs
 
-// acc[a][b] += x_i . x_j for the thread's 4 x 4 (i, j) outputs over all `d` features.
+// RBF value in the input's precision (the CPU twin forms its tiles in scalar_t): float32 is
+// cka::rbf_from_dot itself, float64 the same formula in double.
+template <typename scalar_t>
+__device__ inline scalar_t rbf_value(scalar_t dot, scalar_t nrm_i, scalar_t nrm_j, scalar_t neg_gamma) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return cka::rbf_from_dot(dot, nrm_i, nrm_j, neg_gamma);
+  } else {
+    scalar_t d2 = nrm_i + nrm_j - scalar_t(2) * dot;
+    d2 = d2 > scalar_t(0) ? d2 : scalar_t(0);
+    return ::exp(neg_gamma * d2);
+  }
+}
+
+// acc[a][b] += x_i . x_j for the thread's 4 x 4 (i, j) outputs over all `d` features, accumulated in
+// scalar_t like the CPU twin's GEMM (float64 inputs keep float64 dot products).
 template <typename scalar_t>
 __device__ void tile_dots(const scalar_t* __restrict__ x, int64_t n, int64_t d, int64_t i0, int64_t j0,
-                          scalar_t (*si)[kTile + 1], scalar_t (*sj)[kTile + 1], float acc[4][4]) {
+                          scalar_t (*si)[kTile + 1], scalar_t (*sj)[kTile + 1], scalar_t acc[4][4]) {
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   for (int a = 0; a < 4; ++a)
-    for (int b = 0; b < 4; ++b) acc[a][b] = 0.f;
+    for (int b = 0; b < 4; ++b) acc[a][b] = scalar_t(0);
   for (int64_t k0 = 0; k0 < d; k0 += kChunk) {
     // Stage x[i0 : i0 + 64, k0 : k0 + 16] and the j tile, transposed (feature-major) in shared memory.
     for (int e = threadIdx.x; e < kTile * kChunk; e += kThreads) {
@@ -46,16 +61,16 @@ __device__ void tile_dots(const scalar_t* __restrict__ x, int64_t n, int64_t d, 
     __syncthreads();
 #pragma unroll
     for (int c = 0; c < kChunk; ++c) {
-      float vi[4], vj[4];
+      scalar_t vi[4], vj[4];
 #pragma unroll
       for (int a = 0; a < 4; ++a) {
-        vi[a] = static_cast<float>(si[c][ty * 4 + a]);
-        vj[a] = static_cast<float>(sj[c][tx * 4 + a]);
+        vi[a] = si[c][ty * 4 + a];
+        vj[a] = sj[c][tx * 4 + a];
       }
 #pragma unroll
       for (int a = 0; a < 4; ++a)
 #pragma unroll
-        for (int b = 0; b < 4; ++b) acc[a][b] = fmaf(vi[a], vj[b], acc[a][b]);
+        for (int b = 0; b < 4; ++b) acc[a][b] = vi[a] * vj[b] + acc[a][b];  // contracted to an FMA
     }
     __syncthreads();
   }
@@ -64,8 +79,9 @@ __device__ void tile_dots(const scalar_t* __restrict__ x, int64_t n, int64_t d, 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     kernel_hsic_tile_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
-                            const float* __restrict__ nx, const float* __restrict__ ny, int64_t n, int64_t d,
-                            int64_t e, int kernel, float neg_gx, float neg_gy, double* __restrict__ sums,
+                            const scalar_t* __restrict__ nx, const scalar_t* __restrict__ ny, int64_t n,
+                            int64_t d, int64_t e, int kernel, scalar_t neg_gx, scalar_t neg_gy,
+                            double* __restrict__ sums,
                             double* __restrict__ rows, double* __restrict__ diag) {
   const int64_t ti = blockIdx.y, tj = blockIdx.x;
   if (tj < ti) return;  // symmetric Grams: the mirrored tile is counted twice below
@@ -74,7 +90,8 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ scalar_t si[kChunk][kTile + 1], sj[kChunk][kTile + 1];
   __shared__ double row_k[kTile], row_l[kTile], col_k[kTile], col_l[kTile], red[3][kThreads / 32];
   for (int t = threadIdx.x; t < kTile; t += kThreads) row_k[t] = row_l[t] = col_k[t] = col_l[t] = 0.0;
-  float kv[4][4], lv[4][4];
+  __syncthreads();  // the zeroed row/col sums before any atomicAdd (tile_dots has no barrier when d = e = 0)
+  scalar_t kv[4][4], lv[4][4];
   tile_dots(x, n, d, i0, j0, si, sj, kv);
   tile_dots(y, n, e, i0, j0, si, sj, lv);
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -85,10 +102,10 @@ __global__ void __launch_bounds__(kThreads)
     for (int b = 0; b < 4; ++b) {
       const int64_t gj = j0 + tx * 4 + b;
       if (gi >= n || gj >= n) continue;
-      float k = kv[a][b], l = lv[a][b];
+      scalar_t k = kv[a][b], l = lv[a][b];
       if (kernel == 1) {  // RBF; the true diagonal is exactly exp(0) = 1
-        k = gi == gj ? 1.f : cka::rbf_from_dot(k, nx[gi], nx[gj], neg_gx);
-        l = gi == gj ? 1.f : cka::rbf_from_dot(l, ny[gi], ny[gj], neg_gy);
+        k = gi == gj ? scalar_t(1) : rbf_value<scalar_t>(k, nx[gi], nx[gj], neg_gx);
+        l = gi == gj ? scalar_t(1) : rbf_value<scalar_t>(l, ny[gi], ny[gj], neg_gy);
       }
       skl += static_cast<double>(k) * l;
       skk += static_cast<double>(k) * k;
@@ -169,15 +186,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_hsic_stats_cuda(const at::
   auto yc = (shift_y.has_value() ? at::sub(y, *shift_y) : y).contiguous();
   auto opts = x.options().dtype(at::kDouble);
   auto sums = at::zeros({3}, opts), rows = at::zeros({2, n}, opts), diag = at::zeros({2, n}, opts);
-  auto nx = at::sum(at::mul(xc, xc), {1}).to(at::kFloat).contiguous();
-  auto ny = at::sum(at::mul(yc, yc), {1}).to(at::kFloat).contiguous();
+  auto nx = at::sum(at::mul(xc, xc), {1}).contiguous();  // in x's dtype, like the CPU twin's norms
+  auto ny = at::sum(at::mul(yc, yc), {1}).contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(nt), static_cast<unsigned>(nt));
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "kernel_hsic_stats_cuda", [&] {
     kernel_hsic_tile_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-        xc.data_ptr<scalar_t>(), yc.data_ptr<scalar_t>(), nx.data_ptr<float>(), ny.data_ptr<float>(), n,
-        xc.size(1), yc.size(1), static_cast<int>(kernel), static_cast<float>(-gamma_x),
-        static_cast<float>(-gamma_y), sums.data_ptr<double>(), rows.data_ptr<double>(), diag.data_ptr<double>());
+        xc.data_ptr<scalar_t>(), yc.data_ptr<scalar_t>(), nx.data_ptr<scalar_t>(), ny.data_ptr<scalar_t>(), n,
+        xc.size(1), yc.size(1), static_cast<int>(kernel), static_cast<scalar_t>(-gamma_x),
+        static_cast<scalar_t>(-gamma_y), sums.data_ptr<double>(), rows.data_ptr<double>(), diag.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {sums, rows, diag};
