@@ -333,10 +333,13 @@ def append_rows(rows: list, out_dir: Path, kernel_file: str):
     return path
 
 
-def run_cases(cases: list, st: Settings, csv_name: str, log=print) -> list:
-    """Run every case, write its rows as soon as it finishes, return all rows."""
+def run_cases(cases: list, st: Settings, csv_name: str, log=print, deadline: float | None = None) -> list:
+    """Run every case, write its rows as soon as it finishes, return all rows. Cases that would start
+    after `deadline` (a time.perf_counter() value) are recorded as skipped instead."""
     all_rows = []
     for case in cases:
+        if not case.skip and deadline is not None and time.perf_counter() > deadline:
+            case.skip = "not run: past the run's --deadline"
         if not case.skip and st.device == "cpu" and case.est_bytes:
             avail = _status_meminfo("MemAvailable:")
             if avail > 0 and case.est_bytes > 0.7 * avail:

@@ -32,6 +32,9 @@ def configure(parser):
     parser.add_argument("--match", default=None,
                         help="only cases whose sizes contain every comma-separated piece (e.g. n=65536)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds from the start after which no new case starts (those left are "
+                             "recorded as skipped), so a time-limited run still ends with its table")
 
 
 def _import_benchmarks():
@@ -77,7 +80,8 @@ def main(args) -> int:
                 continue
             by_kernel.setdefault(case.kernel, []).append(case)
         for kernel, cases in by_kernel.items():
-            rows += harness.run_cases(cases, st, kernel, log=lambda line: print(line, flush=True))
+            rows += harness.run_cases(cases, st, kernel, log=lambda line: print(line, flush=True),
+                                      deadline=None if args.deadline is None else t0 + args.deadline)
     for kernel in dict.fromkeys(r["kernel"] for r in rows):
         _print_table(harness, [r for r in rows if r["kernel"] == kernel])
     if not args.no_plots:
