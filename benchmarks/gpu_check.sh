@@ -9,7 +9,8 @@
 # Usage: bash benchmarks/gpu_check.sh [--quick]     (env: OUT, TORCH_CUDA_ARCH_LIST, MAX_JOBS, PYTHON,
 #        GPU_CHECK_SKIP_BUILD=1 to reuse an in-place build, GPU_CHECK_BENCH=distill|cka|all,
 #        GPU_CHECK_SECONDS=540: the whole call's time; no benchmark case starts after it, so a call under
-#        a 10-minute device limit still ends with its table and CSVs instead of being killed mid-run)
+#        a 10-minute device limit still ends with its table and CSVs instead of being killed mid-run;
+#        GPU_CHECK_TEST_SECONDS=180 bounds the CUDA tests)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -54,7 +55,9 @@ PY
 
 # 2. CUDA tests.
 say "tests: pytest -m cuda"
-$PY -m pytest -m cuda -q -p no:cacheprovider tests/ > "$OUTDIR/pytest_cuda.log" 2>&1
+# Bounded: a hung kernel must not eat the benchmarks' time (rc 124 = the timeout).
+timeout "${GPU_CHECK_TEST_SECONDS:-180}" $PY -m pytest -m cuda -q -p no:cacheprovider tests/ \
+  > "$OUTDIR/pytest_cuda.log" 2>&1
 rc_tests=$?
 summary=$(tail -n 1 "$OUTDIR/pytest_cuda.log")
 say "CUDA tests (rc=$rc_tests): $summary"
