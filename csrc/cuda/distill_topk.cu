@@ -24,7 +24,10 @@ namespace sdft::distill::cuda {
 namespace {
 
 constexpr int kBlock = 256;
-constexpr int64_t kMaxSmemBytes = 48 * 1024;  // bitmap limit without opting in to more shared memory
+constexpr int64_t kMaxSmemBytes = 48 * 1024;  // static + dynamic limit without opting in to more
+constexpr int64_t kRedLen = 2 * kBlock / 32 + 2;
+constexpr int64_t kStaticSmemBytes = 2 * kRedLen * int64_t(sizeof(double));  // red + redd (upper bound)
+constexpr int64_t kMaxBitmapBytes = kMaxSmemBytes - kStaticSmemBytes;
 
 template <typename acc_t>
 struct TopkParams {
@@ -56,7 +59,8 @@ __global__ void __launch_bounds__(kBlock) distill_topk_kernel(
     scalar_t* __restrict__ G,           // N x V gradient or nullptr
     TopkParams<acc_t> P) {
   extern __shared__ unsigned int bitmap[];  // ceil(V / 32) words
-  __shared__ acc_t red[2 * kBlock / 32 + 2];
+  __shared__ acc_t red[kRedLen];
+  __shared__ double redd[kRedLen];  // the teacher's listed mass is summed in float64, as on the CPU
   const int64_t row = blockIdx.x, V = P.V, k = P.k;
   const int tid = threadIdx.x;
   const scalar_t* z = S + row * V;
@@ -82,7 +86,7 @@ __global__ void __launch_bounds__(kBlock) distill_topk_kernel(
   }
   block_lse<kBlock>(ms, zs, red);  // contains __syncthreads: the bitmap is cleared after this
   // Mark the listed entries; flag bad indices / log-probs; teacher mass of the listed entries.
-  acc_t psum = 0;
+  double psum = 0;
   for (int64_t i = tid; i < k; i += kBlock) {
     const int64_t j = idx[i];
     const acc_t lp = lpk[i];
@@ -92,10 +96,10 @@ __global__ void __launch_bounds__(kBlock) distill_topk_kernel(
     }
     const unsigned int bit = 1u << (j % 32);
     if (atomicOr(&bitmap[j / 32], bit) & bit) bad = 1;
-    psum += fast_exp(lp);
+    psum += ::exp(static_cast<double>(lp));
   }
   bad = __syncthreads_or(bad);
-  psum = block_sum<kBlock>(psum, red);
+  psum = block_sum<kBlock>(psum, redd);
   if (bad || !(zs > 0)) {
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
     if (g)
@@ -110,8 +114,9 @@ __global__ void __launch_bounds__(kBlock) distill_topk_kernel(
     if (!(bitmap[j / 32] & (1u << (j % 32)))) tail += fast_exp(static_cast<acc_t>(z[j]) * it - lzs);
   tail = block_sum<kBlock>(tail, red);
   const bool has_tail = k < V;
-  const acc_t p_tail = psum < acc_t(1) ? acc_t(1) - psum : acc_t(0);
-  const acc_t lp_tail = p_tail > 0 ? ::log(p_tail) : -inf, lq_tail = tail > 0 ? ::log(tail) : -inf;
+  const double p_tail = psum < 1.0 ? 1.0 - psum : 0.0;
+  const acc_t lp_tail = p_tail > 0 ? static_cast<acc_t>(::log(p_tail)) : -inf;
+  const acc_t lq_tail = tail > 0 ? ::log(tail) : -inf;
   // Bucket terms.
   acc_t L = 0, K = 0;
   for (int64_t i = tid; i < k; i += kBlock) {
@@ -150,7 +155,8 @@ std::tuple<at::Tensor, at::Tensor> distill_topk_cuda(const at::Tensor& student_l
                                         divergence, beta, temperature);
   const int64_t N = student_logits.size(0), V = student_logits.size(1);
   const int64_t smem = (V + 31) / 32 * 4;
-  TORCH_CHECK(smem <= kMaxSmemBytes, "student_logits: the CUDA top-k kernel supports V <= ", kMaxSmemBytes * 8,
+  TORCH_CHECK(smem <= kMaxBitmapBytes, "student_logits: the CUDA top-k kernel supports V <= ",
+              kMaxBitmapBytes / 4 * 32,
               ", got ", V);
   TORCH_CHECK(N < (int64_t(1) << 31), "student_logits: at most 2^31 - 1 rows, got ", N);
   const c10::cuda::CUDAGuard guard(student_logits.device());
