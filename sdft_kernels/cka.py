@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from typing import Sequence
 
 import numpy as np
@@ -56,45 +57,51 @@ def _keep_index(shape, mask, drop_first, device):
     return keep.reshape(-1).nonzero().squeeze(1)
 
 
-def _tokens(acts: list, name: str, shape, idx):
+def _tokens(acts: list, name: str, shape, idx, single=False):
     """Flatten each layer to [n_kept, d] in float32 (float64 stays float64), after validating it.
     Returns (features, approximate column means in the features' dtype: the shifts). Only kept tokens are
     checked for NaN/Inf (padding may hold anything): any NaN/Inf makes the column mean non-finite, so the
     check costs no extra pass."""
     out, means = [], []
     for i, a in enumerate(acts):
+        label = name if single else f"{name}[{i}]"
         if not isinstance(a, torch.Tensor):
-            raise TypeError(f"{name}[{i}]: expected a tensor, got {type(a).__name__}")
+            raise TypeError(f"{label}: expected a tensor, got {type(a).__name__}")
         if a.dtype not in _FLOATS:
-            raise TypeError(f"{name}[{i}]: expected float32/bfloat16/float16/float64, got {a.dtype}")
+            raise TypeError(f"{label}: expected float32/bfloat16/float16/float64, got {a.dtype}")
         if a.dim() not in (2, 3) or tuple(a.shape[:-1]) != tuple(shape):
-            raise ValueError(f"{name}[{i}]: expected shape {list(shape)} + [d] (same tokens as {name}[0] / "
-                             f"the first layer), got {list(a.shape)}")
+            raise ValueError(f"{label}: expected shape {list(shape)} + [d] (the tokens of the first student "
+                             f"layer), got {list(a.shape)}")
+        if a.shape[-1] == 0:
+            raise ValueError(f"{label}: expected at least one feature, got shape {list(a.shape)}")
         f = a.reshape(-1, a.shape[-1])
         if idx is not None:
             f = f.index_select(0, idx)
         f = f if f.dtype == torch.float64 else f.float()
         m = f.mean(dim=0) if f.shape[0] else f.new_zeros(f.shape[1])
         if not bool(torch.isfinite(m).all()):
-            raise ValueError(f"{name}[{i}]: activations contain NaN or Inf in kept tokens (or their sum "
+            raise ValueError(f"{label}: activations contain NaN or Inf in kept tokens (or their sum "
                              f"overflows {f.dtype})")
         out.append(f)
         means.append(m)
     return out, means
 
 
-def _prepare(xs, ys, mask, drop_first):
-    xs, ys = _as_list(xs, "xs"), _as_list(ys, "ys")
+def _prepare(xs, ys, mask, drop_first, names=("xs", "ys")):
+    single = names != ("xs", "ys")  # kernel_hsic's x / y: one tensor each
+    xs, ys = _as_list(xs, names[0]), _as_list(ys, names[1])
     first = xs[0]
     if not isinstance(first, torch.Tensor) or first.dim() not in (2, 3):
-        raise ValueError(f"xs[0]: expected a [B, T, d] or [T, d] tensor, got "
+        raise ValueError(f"{names[0] if single else 'xs[0]'}: expected a [B, T, d] or [T, d] tensor, got "
                          f"{list(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__}")
     shape = tuple(first.shape[:-1])
     idx = _keep_index(shape, mask, drop_first, first.device)
-    (fx, mx), (fy, my) = _tokens(xs, "xs", shape, idx), _tokens(ys, "ys", shape, idx)
+    (fx, mx), (fy, my) = (_tokens(xs, names[0], shape, idx, single), _tokens(ys, names[1], shape, idx, single))
     devs = {t.device for t in fx + fy}
     if len(devs) > 1:
-        raise ValueError(f"xs/ys: expected every layer on one device, got {sorted(map(str, devs))}")
+        raise ValueError(f"{names[0]}/{names[1]}: expected every layer on one device, got {sorted(map(str, devs))}")
+    if len({t.dtype for t in fx + fy}) > 1:  # float64 mixed with float32 (the upcast half-precision layers)
+        fx, fy, mx, my = ([t.float() for t in ts] for ts in (fx, fy, mx, my))
     return fx, fy, fx[0].shape[0], mx + my
 
 
@@ -139,6 +146,10 @@ def _self_moment(u, blocks=8, out=None):
     return out, True
 
 
+def _copies(tensors: dict) -> dict:
+    return {k: None if t is None else t.clone() for k, t in tensors.items()}
+
+
 def _scratch(cache: dict, shape, dtype, device):
     """A buffer of this shape kept in `cache` across calls: fresh large tensors are mmapped and faulted in
     page by page on every allocation, which costs more than the work done in them."""
@@ -148,12 +159,19 @@ def _scratch(cache: dict, shape, dtype, device):
     return cache[key]
 
 
+def _nonneg_int(value, name, minimum=0):
+    """value as an int (Python or NumPy integer, not bool) >= minimum, else a ValueError naming it."""
+    try:
+        ok = not isinstance(value, bool) and operator.index(value) >= minimum
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return operator.index(value)
+
+
 def _check_drop_first(drop_first):
-    if not isinstance(drop_first, int) or drop_first < 0:
-        raise ValueError(f"drop_first: expected an int >= 0, got {drop_first!r}")
-    return drop_first
-
-
+    return _nonneg_int(drop_first, "drop_first")
 
 
 def _resolve_pairs(pairs, nx, ny):
@@ -165,7 +183,10 @@ def _resolve_pairs(pairs, nx, ny):
         return [(i, j) for i in range(nx) for j in range(ny)]
     out = []
     for p in pairs:
-        i, j = (int(v) for v in p)
+        try:
+            i, j = (operator.index(v) for v in p)
+        except (TypeError, ValueError):
+            raise ValueError(f"pairs: expected (student, teacher) index pairs of two ints, got {p!r}") from None
         if not (0 <= i < nx and 0 <= j < ny):
             raise ValueError(f"pairs: ({i}, {j}) is out of range for {nx} student and {ny} teacher layers")
         out.append((i, j))
@@ -205,7 +226,7 @@ class LinearCKA:
     """
 
     def __init__(self, pairs="diagonal", debiased: bool = False, drop_first: int = 0):
-        if not (pairs in ("diagonal", "all") or isinstance(pairs, (list, tuple))):
+        if not (pairs in ("diagonal", "all") if isinstance(pairs, str) else isinstance(pairs, (list, tuple))):
             raise ValueError(f"pairs: expected 'diagonal', 'all' or a list of (i, j), got {pairs!r}")
         self._pairs_arg = pairs
         self.debiased = bool(debiased)
@@ -213,7 +234,8 @@ class LinearCKA:
         self.reset()
 
     def reset(self):
-        self.pairs = None if isinstance(self._pairs_arg, str) else [tuple(p) for p in self._pairs_arg]
+        # explicit pairs are checked for form here (their range once the layer counts are known)
+        self.pairs = None if isinstance(self._pairs_arg, str) else _resolve_pairs(self._pairs_arg, math.inf, math.inf)
         self.widths = None  # {"x": [d_i], "y": [d_j]}
         self.n = 0.0
         self.mean, self.mom, self.ext = {}, {}, {}
@@ -383,26 +405,32 @@ class LinearCKA:
 
     # ---- exact merging across objects and processes
     def state_dict(self) -> dict:
+        """A snapshot (copies: the accumulators are updated in place by later updates)."""
         return {"pairs": self.pairs, "widths": self.widths, "debiased": self.debiased,
-                "drop_first": self.drop_first, "n": self.n, "mean": dict(self.mean), "mom": dict(self.mom),
-                "ext": {k: list(v) for k, v in self.ext.items()}}
+                "drop_first": self.drop_first, "n": self.n, "mean": _copies(self.mean), "mom": _copies(self.mom),
+                "ext": {k: [t.clone() for t in v] for k, v in self.ext.items()}}
 
     def load_state_dict(self, state: dict):
         self.pairs = [tuple(p) for p in state["pairs"]] if state["pairs"] is not None else None
         self.widths, self.debiased = state["widths"], bool(state["debiased"])
         self.drop_first, self.n = int(state["drop_first"]), float(state["n"])
-        self.mean, self.mom = dict(state["mean"]), dict(state["mom"])
-        self.ext = {k: tuple(v) for k, v in state["ext"].items()}
+        self.mean, self.mom = _copies(state["mean"]), _copies(state["mom"])
+        self.ext = {k: tuple(t.clone() for t in v) for k, v in state["ext"].items()}
         return self
 
     def _compatible(self, other):
         if not isinstance(other, LinearCKA):
             raise TypeError(f"other: expected a LinearCKA, got {type(other).__name__}")
-        if other.debiased != self.debiased:
-            raise ValueError("other: expected the same `debiased` setting")
-        if self.widths is not None and other.widths is not None and (
-                other.pairs != self.pairs or other.widths != self.widths):
-            raise ValueError(f"other: expected pairs {self.pairs} and widths {self.widths}, got "
+        if other.debiased != self.debiased or other.drop_first != self.drop_first:
+            raise ValueError(f"other: expected debiased={self.debiased}, drop_first={self.drop_first}, got "
+                             f"{other.debiased}, {other.drop_first}")
+        if other.widths is None:
+            return
+        # a fresh object checks its own pairs argument against other's layer counts
+        pairs = self.pairs if self.pairs is not None else _resolve_pairs(
+            self._pairs_arg, len(other.widths["x"]), len(other.widths["y"]))
+        if other.pairs != pairs or (self.widths is not None and other.widths != self.widths):
+            raise ValueError(f"other: expected pairs {pairs} and widths {self.widths or other.widths}, got "
                              f"{other.pairs} and {other.widths}")
 
     def merge(self, other: "LinearCKA"):
@@ -452,13 +480,15 @@ class LinearCKA:
         import torch.distributed as dist
         world = dist.get_world_size(group)
         metas = [None] * world
-        dist.all_gather_object(metas, (self.pairs, self.widths, self.debiased, self.n), group=group)
+        dist.all_gather_object(metas, (self.pairs, self.widths, (self.debiased, self.drop_first), self.n),
+                               group=group)
         full = [m for m in metas if m[3] > 0]
         if not full:
             return self
         for m in full:
             if (m[0], m[1], m[2]) != (full[0][0], full[0][1], full[0][2]):
-                raise ValueError(f"all_reduce: ranks disagree on pairs/widths/debiased: {full[0][:3]} vs {m[:3]}")
+                raise ValueError(f"all_reduce: ranks disagree on pairs/widths/(debiased, drop_first): "
+                                 f"{full[0][:3]} vs {m[:3]}")
         if self.n == 0:
             self.pairs, self.widths = [tuple(p) for p in full[0][0]], full[0][1]
         dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
@@ -503,7 +533,7 @@ class MinibatchCKA:
 
     def __init__(self, drop_first: int = 0, chunk: int = 64):
         self.drop_first = _check_drop_first(drop_first)
-        self.chunk = int(chunk)
+        self.chunk = _nonneg_int(chunk, "chunk", minimum=1)
         self.reset()
 
     def reset(self):
@@ -537,8 +567,11 @@ class MinibatchCKA:
             upper = b >= 256  # symmetric Grams from the upper block triangle only
             w = -(-b // (4 if b >= 512 else 2))  # 4 row blocks: 10/16 of the flops, 2: 3/4
             for i, (t, mu) in enumerate(zip(fx + fy, means)):
-                # centring is not needed by U-centring; it conditions the Gram
-                u = _shift(t.to(wdt), mu.to(wdt), out=_scratch(bufs, t.shape, wdt, dev))[0]
+                # centring is not needed by U-centring; it conditions the Gram. Twice: the second pass takes
+                # out the rounding of the first mean, so a constant feature centres to exactly 0 (its
+                # residue would otherwise give a tiny, meaningless Gram and a finite "CKA")
+                u, _, r = _shift(t.to(wdt), mu.to(wdt), out=_scratch(bufs, t.shape, wdt, dev))
+                u.sub_(r.to(wdt))
                 if upper:
                     for r0 in range(0, b, w):
                         torch.mm(u[r0:r0 + w], u[r0:].T, out=grams[i, r0:r0 + w, r0:])  # in place
@@ -552,6 +585,9 @@ class MinibatchCKA:
             for r0 in range(0, b, self.chunk):
                 c = uc[:, r0:r0 + self.chunk].reshape(nl, -1)
                 h += torch.mm(c, c.T).double()
+            if not bool(torch.isfinite(h).all()):
+                raise ValueError(f"xs/ys: the batch's Gram products overflow {wdt} (features of magnitude "
+                                 "~1e9 or more?); pass float64 activations")
             hxy, hs = h[:nx, nx:], torch.diagonal(h)
             scale = 1.0 / (b * (b - 3.0))
             hxy, hs = (hxy * scale).cpu(), (hs * scale).cpu()
@@ -568,20 +604,26 @@ class MinibatchCKA:
     def compute(self) -> torch.Tensor:
         if self.hxy is None:
             raise RuntimeError("MinibatchCKA.compute: no batches accumulated yet (call update first)")
-        return self.hxy / torch.sqrt(self.hxx[:, None] * self.hyy[None, :])  # NaN where a self-HSIC <= 0
+        ok = (self.hxx[:, None] > 0) & (self.hyy[None, :] > 0)
+        return torch.where(ok, self.hxy / torch.sqrt((self.hxx[:, None] * self.hyy[None, :]).clamp_min(0)),
+                           float("nan"))  # NaN where a self-HSIC <= 0
 
     def state_dict(self) -> dict:
-        return {"hxy": self.hxy, "hxx": self.hxx, "hyy": self.hyy, "batches": self.batches, "n": self.n,
-                "drop_first": self.drop_first}
+        """A snapshot (copies: the sums are updated in place by later updates)."""
+        h = _copies({"hxy": self.hxy, "hxx": self.hxx, "hyy": self.hyy})
+        return {**h, "batches": self.batches, "n": self.n, "drop_first": self.drop_first}
 
     def load_state_dict(self, state: dict):
-        self.hxy, self.hxx, self.hyy = state["hxy"], state["hxx"], state["hyy"]
+        h = _copies({k: state[k] for k in ("hxy", "hxx", "hyy")})
+        self.hxy, self.hxx, self.hyy = h["hxy"], h["hxx"], h["hyy"]
         self.batches, self.n, self.drop_first = int(state["batches"]), int(state["n"]), int(state["drop_first"])
         return self
 
     def merge(self, other: "MinibatchCKA"):
         if not isinstance(other, MinibatchCKA):
             raise TypeError(f"other: expected a MinibatchCKA, got {type(other).__name__}")
+        if other.drop_first != self.drop_first:
+            raise ValueError(f"other: expected drop_first={self.drop_first}, got {other.drop_first}")
         if other.hxy is None:
             return self
         if self.hxy is None:
@@ -602,8 +644,10 @@ class MinibatchCKA:
         world = dist.get_world_size(group)
         metas = [None] * world
         shape = None if self.hxy is None else tuple(self.hxy.shape)
-        dist.all_gather_object(metas, shape, group=group)
-        shapes = {m for m in metas if m is not None}
+        dist.all_gather_object(metas, (shape, self.drop_first), group=group)
+        if len({m[1] for m in metas}) > 1:
+            raise ValueError(f"all_reduce: ranks disagree on drop_first: {sorted({m[1] for m in metas})}")
+        shapes = {m[0] for m in metas if m[0] is not None}
         if not shapes:
             return self
         if len(shapes) > 1:
@@ -644,6 +688,16 @@ def _median_sigma(x: torch.Tensor, pilot: int = 1024, seed: int = 0) -> float:
     return sigma
 
 
+def _exact_mean(x, s, rows=16384):
+    """Column mean of x [n, d] in x's dtype, as s + mean(x - s) accumulated in float64 over row blocks (no
+    copy of x): the rounding of the first estimate s is taken out, so a constant feature centres to
+    exactly 0 (its residue would otherwise give a tiny, meaningless linear kernel and a finite "CKA")."""
+    r = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for r0 in range(0, x.shape[0], rows):
+        r += (x[r0:r0 + rows] - s).sum(0, dtype=torch.float64)
+    return (s.double() + r / max(x.shape[0], 1)).to(x.dtype)
+
+
 def _kernel_inputs(x, y, kernel, sigma, tile, mask):
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
@@ -655,20 +709,20 @@ def _kernel_inputs(x, y, kernel, sigma, tile, mask):
         raise ValueError(f"y: expected {x.shape[0]} tokens (rows) like x, got {y.shape[0]}")
     if kernel not in _k.KERNELS:
         raise ValueError(f"kernel: expected 'linear' or 'rbf', got {kernel!r}")
-    if tile is not None and (not isinstance(tile, int) or tile < 1):
-        raise ValueError(f"tile: expected a positive int or None, got {tile!r}")
-    fx, fy, n, (mx, my) = _prepare([x], [y], mask, 0)
+    tile = None if tile is None else _nonneg_int(tile, "tile", minimum=1)
+    fx, fy, n, (mx, my) = _prepare([x], [y], mask, 0, names=("x", "y"))
     x, y = fx[0], fy[0]
-    if y.dtype != x.dtype:
-        x, y = x.float(), y.float()
-    sig = sigma if isinstance(sigma, (tuple, list)) else (sigma, sigma)
+    sig = tuple(sigma) if isinstance(sigma, (tuple, list)) else (sigma, sigma)
+    if len(sig) != 2:
+        raise ValueError(f"sigma: expected a float, None or a pair (sigma_x, sigma_y), got {sigma!r}")
     gammas = [0.0, 0.0]
     if kernel == "rbf":
         for i, (s, t) in enumerate(zip(sig, (x, y))):
             s = _median_sigma(t) if s is None else float(s)
-            if not s > 0:
-                raise ValueError(f"sigma: expected a positive RBF bandwidth, got {s}")
-            gammas[i] = 1.0 / (2.0 * s * s)
+            gammas[i] = 1.0 / (2.0 * s * s) if math.isfinite(s) and s > 0 else 0.0
+            if not gammas[i] > 0:
+                raise ValueError(f"sigma: expected a positive, finite RBF bandwidth, got {s}")
+    mx, my = _exact_mean(x, mx), _exact_mean(y, my)
     # Centred by the op (float64 means rounded to the working dtype, subtracted tile by tile): exact for
     # both kernels' HSIC, and keeps dot products / distances well conditioned in float32 for activations
     # with large means, without a centred copy of x and y.
@@ -689,7 +743,11 @@ def _kernel_stats(x, y, kernel, sigma, unbiased, tile, mask):
     rk, rl = rows[0], rows[1]
     sk, sl = rk.sum(), rl.sum()
     f = _hsic_u if unbiased else _hsic_b
-    return (f(sums[0], rk @ rl, sk, sl, n), f(sums[1], rk @ rk, sk, sk, n), f(sums[2], rl @ rl, sl, sl, n))
+    out = (f(sums[0], rk @ rl, sk, sl, n), f(sums[1], rk @ rk, sk, sk, n), f(sums[2], rl @ rl, sl, sl, n))
+    if not all(map(math.isfinite, out)):
+        raise ValueError(f"x/y: the kernel sums overflow {x.dtype} (features of magnitude ~1e9 or more?); "
+                         "pass float64 activations")
+    return out
 
 
 def _hsic_u(kl, rkl, sk, sl, n):  # Song et al. 2012 (same formula as cka_math.h hsic_unbiased)

@@ -251,3 +251,69 @@ def test_minibatch_large_batch_upper_gram_path_and_ucentre_upper():
     g = g + g.transpose(1, 2)
     torch.testing.assert_close(ucentre_(torch.triu(g) + 1e30 * torch.tril(torch.ones(7, 7), -1), upper=True),
                                ucentre_(g.clone()), rtol=0, atol=1e-12)
+
+
+def test_float64_layer_paired_with_float32_layer():
+    # one working dtype per batch (float32 unless every layer is float64); the mixed batch used to fail
+    # in the GEMM after the self-moments were already merged, leaving the state corrupted
+    x, y = _acts(300, 6, 0), _related(_acts(300, 6, 0), 5, 1)
+    m = LinearCKA().update([x[:100]], [y[:100]])
+    m.update([x[100:]], [y[100:].float()])
+    assert abs(m.compute().item() - R.linear_cka(x, y)) < 1e-6
+    mb = MinibatchCKA().update([x[:100]], [y[:100].float()]).compute()
+    assert abs(mb.item() - R.minibatch_cka([[x[:100]]], [[y[:100]]])[0, 0]) < 1e-5
+
+
+@pytest.mark.parametrize("cls", [LinearCKA, MinibatchCKA])
+def test_state_dict_is_a_snapshot_and_loading_copies(cls):
+    xs, ys = _layers(n=60, widths=(6, 6), tw=(5, 4))
+    m = cls().update(xs, ys)
+    snap, before = m.state_dict(), m.compute().clone()
+    other = cls().load_state_dict(snap)
+    m.update([x.flip(0) * 2 + 1 for x in xs], [y.roll(7, 0) for y in ys])  # in-place accumulators move on
+    torch.testing.assert_close(cls().load_state_dict(snap).compute(), before, rtol=0, atol=0)
+    other.update(xs, ys)  # a loaded object is independent of the one it came from
+    torch.testing.assert_close(cls().load_state_dict(snap).compute(), before, rtol=0, atol=0)
+
+
+def test_constant_features_give_nan_not_a_number():
+    # the float32 mean of a constant column is not exact; its residue once made a tiny Gram and +-inf
+    y = _acts(100, 3, 1).float()
+    assert torch.isnan(MinibatchCKA().update([torch.full((100, 4), 0.1)], [y]).compute()).all()
+    assert torch.isnan(LinearCKA().update([torch.full((100, 4), 0.1)], [y]).compute()).all()
+
+
+def test_merge_checks_pairs_and_drop_first():
+    xs, ys = _layers(n=40, widths=(6, 6), tw=(5, 4))
+    diag = LinearCKA().update(xs, ys)
+    with pytest.raises(ValueError, match="pairs"):
+        LinearCKA([(1, 0)]).merge(diag)  # a fresh object keeps its own pairs
+    with pytest.raises(ValueError, match="drop_first"):
+        LinearCKA(drop_first=1).merge(diag)
+    assert LinearCKA("diagonal").merge(diag).pairs == [(0, 0), (1, 1)]
+    with pytest.raises(ValueError, match="drop_first"):
+        MinibatchCKA(drop_first=2).merge(MinibatchCKA().update(xs, ys))
+
+
+def test_malformed_arguments_raise_clear_errors():
+    x, y = _acts(10, 4, 0), _acts(10, 3, 1)
+    for pairs in [(0, 0), [(0, 0, 1)], np.array([[0, 0]]), "rows"]:
+        with pytest.raises(ValueError, match="pairs"):
+            LinearCKA(pairs)
+    assert LinearCKA([(np.int64(0), 0)]).update([x], [y]).pairs == [(0, 0)]
+    with pytest.raises(ValueError, match="drop_first"):
+        LinearCKA(drop_first=True)
+    assert MinibatchCKA(drop_first=np.int64(1)).drop_first == 1
+    with pytest.raises(ValueError, match="chunk"):
+        MinibatchCKA(chunk=0)
+    with pytest.raises(ValueError, match="feature"):
+        LinearCKA().update([x[:, :0]], [y])
+
+
+def test_float32_overflow_raises_before_any_state_changes():
+    xs, ys = _layers(n=40, widths=(6,), tw=(5,))
+    m = MinibatchCKA().update([xs[0].float()], [ys[0].float()])
+    before = m.compute().clone()
+    with pytest.raises(ValueError, match="overflow"):
+        m.update([xs[0].float() * 1e12], [ys[0].float()])
+    torch.testing.assert_close(m.compute(), before, rtol=0, atol=0)

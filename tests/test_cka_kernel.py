@@ -105,6 +105,16 @@ def test_bad_inputs():
         kernel_hsic(x, y, "rbf", sigma=0.0)
     with pytest.raises(ValueError, match="tile"):
         kernel_hsic(x, y, tile=0)
+    for sigma in [(1.0,), (1.0, 2.0, 3.0), float("inf"), 1e200]:
+        with pytest.raises(ValueError, match="sigma"):
+            kernel_hsic(x, y, "rbf", sigma=sigma)
+    with pytest.raises(ValueError, match=r"^x: .*NaN"):  # named as the argument, not as a layer list
+        kernel_hsic(torch.full_like(x, float("nan")), y)
+    with pytest.raises(ValueError, match="overflow"):
+        kernel_hsic(x.float() * 1e12, y.float())
+    # a constant feature set centres exactly: zero self-HSIC, CKA undefined (NaN), not a finite number
+    for unbiased in (False, True):
+        assert math.isnan(kernel_cka(torch.full((300, 4), 0.1), torch.randn(300, 3), unbiased=unbiased))
     with pytest.raises(ValueError, match=r"\[n, d\]"):
         kernel_hsic(x[None], y)
 
