@@ -165,6 +165,11 @@ def test_every_cpu_isa_variant_matches(tmp_path):
     import sys
     s, t = _inputs((6, CH + 37), torch.float64)
     s[1, ::5] = t[1, ::5] = float("-inf")
+    # Confident rows (every other term underflows): the FMA in the AVX clones once made the max term's
+    # exp 1 - 2^-24 and the row was rejected as "NaN or +inf"
+    for r in (2, 3, 4):
+        s[r, 7 * r] += 90.0
+    t[4, 11] += 90.0
     torch.save((s, t), tmp_path / "in.pt")
     for isa in ("base", "avx2", "avx512"):
         subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / f"{isa}.pt")],
@@ -365,3 +370,37 @@ def test_inplace_op_equals_out_of_place(divergence, dtype, device):
     torch.library.opcheck(ops.distill_dense_inplace_.default, (s.clone(), t, valid, w, 0, 0.3, 1.5))
     with pytest.raises(RuntimeError, match="contiguous"):
         ops.distill_dense_inplace_(s.t().contiguous().t(), t, valid, w, 0, 0.3, 1.5)
+
+
+def test_confident_rows_at_any_temperature():
+    # Finite rows whose max dominates: 50-70% of such rows were rejected at T != 1 before (AVX clones)
+    g = torch.Generator().manual_seed(7)
+    for dtype in (torch.float32, torch.float64):
+        s = torch.randn(64, 50, generator=g, dtype=torch.float64)
+        s[torch.arange(64), torch.randint(0, 50, (64,), generator=g)] += 30.0 + 40 * torch.rand(64, generator=g,
+                                                                                               dtype=torch.float64)
+        t = torch.randn(64, 50, generator=g, dtype=torch.float64)
+        for temperature in (0.7, 0.9, 1.5, 3.0):
+            for div in ("forward_kl", "reverse_kl", "jsd"):
+                out = distill_loss(s.to(dtype), t.to(dtype), divergence=div, temperature=temperature, reduction="none")
+                ref = distill_loss_ref(s.to(dtype).double(), t.to(dtype).double(), divergence=div,
+                                       temperature=temperature, reduction="none")
+                _close(f"{dtype} T={temperature} {div}", out, ref, 2e-6, rtol=1e-5)
+    s, t = torch.tensor([[20.2, 0.0]]), torch.zeros(1, 2)  # the first reported case
+    ref = distill_loss_ref(s.double(), t.double(), temperature=0.7)
+    assert abs(float(distill_loss(s, t, temperature=0.7)) - float(ref)) < 1e-5
+
+
+def test_double_backward_is_refused():
+    s, t = _inputs((4, 9))
+    x = s.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="double backward"):  # a Hessian from it would be silently zero
+        torch.autograd.grad(distill_loss(x, t, reduction="sum"), x, create_graph=True)
+
+
+def test_compile_dynamic_default_temperature():
+    s, t = _inputs((3, 11), torch.float32)
+    f = torch.compile(lambda a, b: distill_loss(a, b), fullgraph=True, dynamic=True, backend="aot_eager")
+    for n in (3, 5):
+        a, b = torch.randn(n, 11), torch.randn(n, 11)
+        torch.testing.assert_close(f(a, b), distill_loss(a, b))

@@ -135,3 +135,14 @@ def test_cuda_bad_index_reported():
     idx[2, 1] = idx[2, 0]
     with pytest.raises(ValueError, match="row 2"):
         distill_loss_topk(s.cuda(), lp.cuda(), idx.cuda())
+
+
+def test_listed_probabilities_above_one_are_refused():
+    # the tail is clamped to 0 there: the value is no divergence and the kernel's gradient not its derivative
+    lp = torch.log(torch.tensor([[0.6, 0.6], [0.7, 0.2]], dtype=torch.float64))
+    idx = torch.tensor([[0, 1], [2, 3]])
+    with pytest.raises(RuntimeError, match="teacher_topk_logprobs: row 0 has probabilities summing to more than 1"):
+        distill_loss_topk(torch.randn(2, 5, dtype=torch.float64), lp, idx)
+    full = torch.randn(3, 6).log_softmax(-1)  # k = V of a real distribution: rounding above 1 is fine
+    lpk, ik = full.topk(6, dim=-1)
+    distill_loss_topk(torch.randn(3, 6), lpk, ik)

@@ -154,3 +154,49 @@ def test_hugging_face_training_step():
     for g, p in zip(grads, student.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-6, rtol=1e-4)
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_backward_twice_and_double_backward_are_refused_clearly():
+    x = _inputs(n=6, hs=8, ht=8, v=9, dtype=torch.float32)
+    h = x["student_hidden"].requires_grad_()
+    loss = fused_linear_distill_loss(h, x["student_weight"], x["teacher_hidden"], x["teacher_weight"])
+    loss.backward(retain_graph=True)
+    g = h.grad.clone()
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+    torch.testing.assert_close(h.grad, g)  # the first gradient is left as it was
+    loss = fused_linear_distill_loss(h, x["student_weight"], x["teacher_hidden"], x["teacher_weight"])
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, h, create_graph=True)
+    x64 = _inputs(n=6, hs=8, ht=8, v=9)  # float64 (the gradcheck dtype) may go back several times
+    h64 = x64["student_hidden"].requires_grad_()
+    loss = fused_linear_distill_loss(h64, x64["student_weight"], x64["teacher_hidden"], x64["teacher_weight"])
+    grads = [torch.autograd.grad(loss, h64, retain_graph=True)[0] for _ in range(3)]
+    torch.testing.assert_close(grads[0], grads[2], rtol=0, atol=0)
+
+
+def test_bad_row_is_named_by_its_token_not_its_chunk_row():
+    x = _inputs(n=9, dtype=torch.float32)
+    x["student_hidden"][5, 0] = float("nan")
+    for chunk in (2, 4, None):
+        with pytest.raises(ValueError, match="student_hidden / student_weight: the logits of token row 5 "):
+            fused_linear_distill_loss(**x, chunk_size=chunk)
+
+
+def test_compile_fullgraph_default_reduction():
+    x = _inputs(n=4, hs=6, ht=6, v=9, dtype=torch.float32)
+    f = torch.compile(lambda a, b, c, d: fused_linear_distill_loss(a, b, c, d), fullgraph=True, backend="aot_eager")
+    a, b = x["student_hidden"].clone().requires_grad_(), x["student_weight"].clone().requires_grad_()
+    f(a, b, x["teacher_hidden"], x["teacher_weight"]).backward()
+    a2, b2 = x["student_hidden"].clone().requires_grad_(), x["student_weight"].clone().requires_grad_()
+    fused_linear_distill_loss(a2, b2, x["teacher_hidden"], x["teacher_weight"]).backward()
+    torch.testing.assert_close(a.grad, a2.grad)
+    torch.testing.assert_close(b.grad, b2.grad)
+
+
+def test_chunk_size_accepts_numpy_ints_not_bools():
+    import numpy as np
+    x = _inputs(n=5)
+    torch.testing.assert_close(fused_linear_distill_loss(**x, chunk_size=np.int64(2)), fused_linear_distill_loss(**x))
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_linear_distill_loss(**x, chunk_size=True)

@@ -166,7 +166,7 @@ struct RowError {
     if (row.compare_exchange_strong(expected, r)) code.store(c);
   }
   // code 1: student row, 2: teacher row (NaN, +inf, or no finite entry); 3: index out of range;
-  // 4: duplicate index; 5: NaN/+inf teacher log-prob.
+  // 4: duplicate index; 5: NaN or positive teacher log-prob; 6: listed teacher probabilities sum above 1.
   void raise(const char* student_name, const char* teacher_name) const {
     const int64_t r = row.load();
     if (r < 0) return;
@@ -179,8 +179,11 @@ struct RowError {
         TORCH_CHECK(false, "teacher_topk_indices: row ", r, " has an index outside [0, V)");
       case 4:
         TORCH_CHECK(false, "teacher_topk_indices: row ", r, " repeats an index");
+      case 6:
+        TORCH_CHECK(false, "teacher_topk_logprobs: row ", r, " has probabilities summing to more than 1 "
+                    "(expected the log-probabilities of one distribution)");
       default:
-        TORCH_CHECK(false, "teacher_topk_logprobs: row ", r, " contains NaN or +inf");
+        TORCH_CHECK(false, "teacher_topk_logprobs: row ", r, " contains NaN or a log-probability above 0");
     }
   }
 };

@@ -187,8 +187,11 @@ C10_ALWAYS_INLINE int dense_row(const RowParams<acc_t>& P, const scalar_t* z, co
     R.cs[c] = lse_chunk(chunk_in<HW_HALF>(z + j0, n, bz), n, it, ms, zs, R.es + j0);
     R.ct[c] = lse_chunk(chunk_in<HW_HALF>(t + j0, n, bt), n, it, mu, zu, R.et + j0);
   }
-  if (!(zs >= acc_t(1))) return 1;  // the max element contributes exactly 1; NaN fails the test
-  if (!(zu >= acc_t(1))) return 2;
+  // The max element contributes exp(x_max * it - m) = 1 up to one rounding (the AVX clones contract
+  // x * it - m into an FMA, so it can be 1 - 2^-24 while every other term underflows): test against 1/2.
+  // NaN fails the test, and so does a row with no finite entry (zs = 0).
+  if (!(zs >= acc_t(0.5))) return 1;
+  if (!(zu >= acc_t(0.5))) return 2;
   const acc_t lzs = ms + std::log(zs), lzu = mu + std::log(zu), izs = acc_t(1) / zs, izu = acc_t(1) / zu;
   acc_t L[W] = {}, K[W] = {};
   for (int64_t j0 = 0, c = 0; j0 < V; j0 += CH, ++c) {

@@ -38,7 +38,7 @@ C10_ALWAYS_INLINE int topk_row(int64_t div, bool grad, const RowParams<acc_t>& P
   const acc_t* zf = chunk_in<HW_HALF>(z, V, e);
   const acc_t ms = row_max(zf, V) * it;
   const acc_t zs = exp_row(zf, e, V, it, ms);
-  if (!(zs >= acc_t(1))) return 1;
+  if (!(zs >= acc_t(0.5))) return 1;  // the max element gives 1 up to one rounding (see dense_row)
   const acc_t log_zs = std::log(zs), lzs = ms + log_zs;
   int code = 0;
   double p_sum = 0;
@@ -51,6 +51,9 @@ C10_ALWAYS_INLINE int topk_row(int64_t div, bool grad, const RowParams<acc_t>& P
     mark[j] = 1;
     p_sum += std::exp(static_cast<double>(lpk[i]));
   }
+  // The listed probabilities of one distribution sum to at most 1 (slack for rounded log-probs); above
+  // it the tail is clamped to 0 and the loss is no divergence, nor its gradient the loss's derivative.
+  if (code == 0 && p_sum > 1.01) code = 6;
   if (code != 0) {
     for (int64_t r = 0; r < i; ++r) mark[idx[r]] = 0;
     return code;

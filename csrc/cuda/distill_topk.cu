@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(kBlock) distill_topk_kernel(
   }
   bad = __syncthreads_or(bad);
   psum = block_sum<kBlock>(psum, redd);
-  if (bad || !(zs > 0)) {
+  if (bad || !(zs > 0) || psum > 1.01) {  // listed mass above 1: not one distribution (as on CPU)
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
     if (g)
       for (int64_t j = tid; j < V; j += kBlock) g[j] = static_cast<scalar_t>(nan);

@@ -13,7 +13,8 @@ student has mass makes reverse KL infinite (and forward KL likewise the other wa
 The teacher never gets a gradient. The loss is float32 (float64 for float64 logits) whatever the
 logits' dtype; the gradient is produced by the forward kernel in the logits' dtype and backward only
 scales it (in place in eager mode, so the extra memory is one gradient buffer; backward therefore runs
-once per forward: retain_graph=True is refused with a clear error, except for float64).
+once per forward: retain_graph=True is refused with a clear error, except for float64). Double backward
+(create_graph=True) is refused too: the kernel gives first derivatives only.
 """
 from __future__ import annotations
 
@@ -71,13 +72,27 @@ def _check_not_reused(ctx):
                            "the checking dtype, allow it)")
 
 
-def _plain_eager(t: torch.Tensor) -> bool:
-    """True outside any tracing (dynamo, AOT autograd, make_fx): only then is mutating a saved tensor
-    invisible to the graph machinery."""
+def traced(t: torch.Tensor) -> bool:
+    """True under any tracing (dynamo, AOT autograd, make_fx), where mutating a saved tensor or reading a
+    value would not be invisible to the graph machinery."""
     if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
-        return False
+        return True
     from torch.fx.experimental.proxy_tensor import get_proxy_mode
-    return get_proxy_mode() is None and _private(t)
+    return get_proxy_mode() is not None
+
+
+def check_once_differentiable(t: torch.Tensor, name: str):
+    """The kernels produce the first derivative only: refuse create_graph=True (eager) rather than return
+    a gradient whose own derivative would silently be wrong."""
+    if torch.is_grad_enabled() and not traced(t):
+        raise RuntimeError(f"{name}: double backward (create_graph=True) is not supported; the gradient "
+                           "comes from the fused kernel and has no derivative of its own")
+
+
+def _plain_eager(t: torch.Tensor) -> bool:
+    """True outside any tracing, for a gradient buffer only autograd holds: only then is mutating it
+    invisible."""
+    return not traced(t) and _private(t)
 
 
 def _private(t: torch.Tensor) -> bool:
@@ -115,6 +130,7 @@ def _backward_dense(ctx, grad_loss, _grad_unused):
     if grad_loss is None:  # grads are not materialised: the loss output did not reach the result
         return None, None, None, None, None, None, None, None
     _check_not_reused(ctx)
+    check_once_differentiable(grad_loss, "distill_loss")
     grad, row_weight = ctx.saved_tensors
     if row_weight is not None:
         # The kernel already multiplied row r's gradient by row_weight[r]. With the usual upstream
@@ -131,6 +147,7 @@ def _backward_topk(ctx, grad_loss, _grad_unused):
     if grad_loss is None:
         return None, None, None, None, None, None, None, None
     _check_not_reused(ctx)
+    check_once_differentiable(grad_loss, "distill_loss_topk")
     (grad,) = ctx.saved_tensors
     return scale_saved_grad(ctx, grad, grad_loss), None, None, None, None, None, None, None
 
@@ -155,7 +172,8 @@ def check_options(divergence, beta, temperature, reduction):
         raise ValueError(f"divergence: expected one of {sorted(DIVERGENCES)}, got {divergence!r}")
     if not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
         raise ValueError(f"beta: expected a number in [0, 1], got {beta!r}")
-    if not isinstance(temperature, (int, float)) or not (math.isfinite(temperature) and temperature > 0):
+    # chained comparison, not math.isfinite: a SymFloat under torch.compile(dynamic=True) supports it
+    if not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
         raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")

@@ -8,12 +8,19 @@ then grad_hidden[c] = G W_s and grad_weight += G^T h_s (float32 accumulator), gr
 those four matmuls run (no recomputation) for the scalar reductions; backward scales the accumulated
 gradients by the incoming scalar. reduction="none" cannot fold the per-token incoming gradient into the
 weight gradient ahead of time, so it recomputes the chunks in backward (two more matmuls per chunk).
+As for distill_loss, backward scales the saved buffers in place in eager mode, so it runs once per
+forward (retain_graph=True is refused with a clear error, except for float64), and double backward
+(create_graph=True) is refused: the kernel gives first derivatives only.
 """
 from __future__ import annotations
 
 import torch
 
-from .distill import DIVERGENCES, check_options, row_weights, valid_rows
+import operator
+import re
+
+from .distill import (DIVERGENCES, _check_not_reused, check_once_differentiable, check_options, row_weights,
+                      traced, valid_rows)
 
 __all__ = ["fused_linear_distill_loss", "DEFAULT_CHUNK_BYTES"]
 
@@ -22,9 +29,13 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20  # one chunk's logits (student, overwritten by
 
 def _chunk_rows(n, vocab, elem_bytes, chunk_size):
     if chunk_size is not None:
-        if not isinstance(chunk_size, int) or chunk_size < 1:
+        try:
+            ok = not isinstance(chunk_size, bool) and operator.index(chunk_size) >= 1
+        except TypeError:
+            ok = False
+        if not ok:
             raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
-        return chunk_size
+        return operator.index(chunk_size)
     rows = DEFAULT_CHUNK_BYTES // max(1, 2 * vocab * elem_bytes)
     if rows >= 64:
         rows -= rows % 64  # whole GEMM tiles
@@ -59,11 +70,20 @@ def _chunks(sh, sw, sb, th, tw, tb, valid, row_w, div, beta, tau, vocab, chunk, 
         s_logits = _linear_into(s_buf[:c1 - c0], hs, sw[:vocab], None if sb is None else sb[:vocab])
         t_logits = _linear_into(t_buf[:c1 - c0], th[c0:c1], tw[:vocab], None if tb is None else tb[:vocab])
         w = None if row_w is None else row_w[c0:c1]  # the kernel scales each row's gradient by its weight
-        if grad:  # the gradient overwrites the chunk's logits: no new buffer
-            loss = torch.ops.sdft_kernels.distill_dense_inplace_(s_logits, t_logits, valid[c0:c1], w, div, beta, tau)
-            g = s_logits
-        else:
-            loss, _ = torch.ops.sdft_kernels.distill_dense(s_logits, t_logits, valid[c0:c1], w, div, beta, tau, False)
+        try:
+            if grad:  # the gradient overwrites the chunk's logits: no new buffer
+                loss = torch.ops.sdft_kernels.distill_dense_inplace_(s_logits, t_logits, valid[c0:c1], w, div,
+                                                                     beta, tau)
+                g = s_logits
+            else:
+                loss, _ = torch.ops.sdft_kernels.distill_dense(s_logits, t_logits, valid[c0:c1], w, div, beta,
+                                                               tau, False)
+        except RuntimeError as e:  # the kernel names a row of this chunk: name the token and the inputs
+            m = re.match(r"(student|teacher)_logits: row (\d+) (.*)", str(e).splitlines()[0])
+            if not m:
+                raise
+            side, r, what = m.group(1), c0 + int(m.group(2)), m.group(3)
+            raise ValueError(f"{side}_hidden / {side}_weight: the logits of token row {r} {what}") from None
         rows[c0:c1] = loss
         del s_logits, t_logits
         if not grad:
@@ -86,7 +106,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         div, beta, tau, vocab, chunk, per_row = opts
         want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], sb is not None and ctx.needs_input_grad[2])
         any_grad = any(want)
-        ctx.opts, ctx.want = opts, want
+        ctx.opts, ctx.want, ctx.used = opts, want, False
         ctx.dtypes = (sh.dtype, sw.dtype, None if sb is None else sb.dtype)
         if per_row or not any_grad:  # reduction="none": gradients are computed in backward
             rows, *_ = _chunks(sh, sw, sb, th, tw, tb, valid, None, div, beta, tau, vocab, chunk, want)
@@ -106,16 +126,23 @@ class _FusedLinearDistill(torch.autograd.Function):
             scale = None
         else:
             gh, gw, gb = ctx.saved_tensors
-            # loss.backward() passes 1: skip the multiply, a fresh copy of the V x H weight gradient (50 ms
-            # at V=32000, H=512 on CPU). Only checked on CPU, where reading the value costs no sync.
-            one = grad_out.device.type == "cpu" and grad_out.numel() == 1 and float(grad_out) == 1.0
-            scale = None if one else grad_out
-        dtypes = ctx.dtypes
+            scale = grad_out
+        check_once_differentiable(grad_out, "fused_linear_distill_loss")
+        # Eager, not float64: the accumulated buffers (ours alone) are scaled in place, or returned as they
+        # are for loss.backward()'s incoming 1 (read on CPU only, where it costs no sync): a fresh copy of
+        # the V x H weight gradient took 50 ms at V=32000, H=512 on CPU. As for distill_loss, a second
+        # backward through the same loss is then refused (the buffers may have become .grad tensors).
+        in_place = scale is not None and ctx.dtypes[0] != torch.float64 and not traced(grad_out)
+        if in_place:
+            _check_not_reused(ctx)
+            ctx.used = True
+            if grad_out.device.type == "cpu" and float(grad_out) == 1.0:
+                scale = None
         out = []
-        for t, dtype in zip((gh, gw, gb), dtypes):
+        for t, dtype in zip((gh, gw, gb), ctx.dtypes):
             if t is not None:
                 if scale is not None:
-                    t = t * scale
+                    t = t.mul_(scale) if in_place else t * scale
                 t = t.to(dtype)
             out.append(t)
         return out[0], out[1], out[2], None, None, None, None, None, None
