@@ -70,7 +70,9 @@ class DistillationLoss(nn.Module):
                                          labels=labels, mask=mask, **self._options())
 
     def extra_repr(self):
-        return ", ".join(f"{k}={v!r}" for k, v in self._options().items())
+        opts = {**self._options(), "shift_labels": self.shift_labels, "vocab_alignment": self.vocab_alignment,
+                "chunk_size": self.chunk_size}
+        return ", ".join(f"{k}={v!r}" for k, v in opts.items())
 
 
 def _weight_bias(name, head):

@@ -251,7 +251,8 @@ def distill_loss(student_logits, teacher_logits, *, divergence="forward_kl", bet
     labels ([...], integer): tokens whose label equals ignore_index are ignored (the values otherwise
     only need to lie in [0, V)); mask ([...], bool): False tokens are ignored. reduction: "none" gives
     the per-token loss [...] (0 at ignored tokens), "sum", "mean" (over valid tokens, 0 if there is
-    none) or "batchmean" (sum / student_logits.shape[0], like torch.nn.KLDivLoss). scale_by_t2
+    none) or "batchmean" (sum / student_logits.shape[0], like torch.nn.KLDivLoss; 1-D logits [V] are one
+    row, divided by 1). scale_by_t2
     multiplies the loss by temperature**2 (Hinton et al.). Gradients flow to student_logits only.
     """
     _check_logits("student_logits", student_logits)
