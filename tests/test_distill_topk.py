@@ -146,3 +146,10 @@ def test_listed_probabilities_above_one_are_refused():
     full = torch.randn(3, 6).log_softmax(-1)  # k = V of a real distribution: rounding above 1 is fine
     lpk, ik = full.topk(6, dim=-1)
     distill_loss_topk(torch.randn(3, 6), lpk, ik)
+
+
+@pytest.mark.cuda
+def test_cuda_listed_probabilities_above_one_are_refused():
+    lp = torch.log(torch.tensor([[0.3, 0.2], [0.7, 0.6]]))
+    with pytest.raises(ValueError, match="row 1 is invalid"):
+        distill_loss_topk(torch.randn(2, 5).cuda(), lp.cuda(), torch.tensor([[0, 1], [2, 3]]).cuda())

@@ -234,12 +234,13 @@ def reduce_rows(rows, valid, reduction, batch, temperature, scale_by_t2):
     return out * (temperature * temperature) if scale_by_t2 else out
 
 
-def _report_bad_rows(rows, names):
-    """The CUDA kernel marks rows with NaN / +inf (or no finite entry) by a NaN loss (the CPU kernel
-    raises itself); report them in eager mode rather than propagate them."""
+def _report_bad_rows(rows, names, what="contains NaN or +inf, or has no finite entry"):
+    """The CUDA kernel marks bad rows (NaN / +inf, no finite entry; for top-k also bad indices or listed
+    probabilities above 1) by a NaN loss (the CPU kernel raises itself, naming the case); report them in
+    eager mode rather than propagate them."""
     if rows.is_cuda and not torch.compiler.is_compiling() and bool(torch.isnan(rows).any()):
         r = int(torch.isnan(rows).nonzero()[0, 0])
-        raise ValueError(f"{names}: row {r} contains NaN or +inf, or has no finite entry")
+        raise ValueError(f"{names}: row {r} {what}")
 
 
 # ---------------------------------------------------------------- public API
@@ -323,6 +324,8 @@ def distill_loss_topk(student_logits, teacher_topk_logprobs, teacher_topk_indice
         student_logits.reshape(-1, vocab), teacher_topk_logprobs.detach().reshape(-1, k).to(acc),
         idx.reshape(-1, k).to(torch.int64), valid, DIVERGENCES[divergence], float(beta), float(temperature),
         compute_grad)
-    _report_bad_rows(rows, "student_logits, teacher_topk_logprobs or teacher_topk_indices")
+    _report_bad_rows(rows, "student_logits, teacher_topk_logprobs or teacher_topk_indices",
+                     "is invalid (NaN or +inf, no finite logit, an index outside [0, V) or repeated, or "
+                     "listed probabilities summing above 1)")
     batch = student_logits.shape[0] if student_logits.dim() > 1 else 1
     return reduce_rows(rows.reshape(lead), valid, reduction, batch, temperature, scale_by_t2)
