@@ -64,7 +64,7 @@ def _setup_context_dense(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # see _setup_context
 
 
-def _check_not_reused(ctx):
+def check_not_reused(ctx):
     if getattr(ctx, "used", False):
         raise RuntimeError("distill: backward through the same distillation loss twice (retain_graph=True) "
                            "is not supported for float32/bfloat16/float16 logits: the saved gradient buffer "
@@ -129,7 +129,7 @@ def scale_saved_grad(ctx, grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.
 def _backward_dense(ctx, grad_loss, _grad_unused):
     if grad_loss is None:  # grads are not materialised: the loss output did not reach the result
         return None, None, None, None, None, None, None, None
-    _check_not_reused(ctx)
+    check_not_reused(ctx)
     check_once_differentiable(grad_loss, "distill_loss")
     grad, row_weight = ctx.saved_tensors
     if row_weight is not None:
@@ -146,7 +146,7 @@ def _backward_dense(ctx, grad_loss, _grad_unused):
 def _backward_topk(ctx, grad_loss, _grad_unused):
     if grad_loss is None:
         return None, None, None, None, None, None, None, None
-    _check_not_reused(ctx)
+    check_not_reused(ctx)
     check_once_differentiable(grad_loss, "distill_loss_topk")
     (grad,) = ctx.saved_tensors
     return scale_saved_grad(ctx, grad, grad_loss), None, None, None, None, None, None, None

@@ -14,12 +14,12 @@ forward (retain_graph=True is refused with a clear error, except for float64), a
 """
 from __future__ import annotations
 
-import torch
-
 import operator
 import re
 
-from .distill import (DIVERGENCES, _check_not_reused, check_once_differentiable, check_options, row_weights,
+import torch
+
+from .distill import (DIVERGENCES, check_not_reused, check_once_differentiable, check_options, row_weights,
                       traced, valid_rows)
 
 __all__ = ["fused_linear_distill_loss", "DEFAULT_CHUNK_BYTES"]
@@ -134,7 +134,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         # backward through the same loss is then refused (the buffers may have become .grad tensors).
         in_place = scale is not None and ctx.dtypes[0] != torch.float64 and not traced(grad_out)
         if in_place:
-            _check_not_reused(ctx)
+            check_not_reused(ctx)
             ctx.used = True
             if grad_out.device.type == "cpu" and float(grad_out) == 1.0:
                 scale = None
