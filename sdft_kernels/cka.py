@@ -100,7 +100,7 @@ def _prepare(xs, ys, mask, drop_first, names=("xs", "ys")):
     devs = {t.device for t in fx + fy}
     if len(devs) > 1:
         raise ValueError(f"{names[0]}/{names[1]}: expected every layer on one device, got {sorted(map(str, devs))}")
-    if len({t.dtype for t in fx + fy}) > 1:  # float64 mixed with float32 (the upcast half-precision layers)
+    if len({t.dtype for t in fx + fy}) > 1:  # float64 beside float32 (bf16/fp16 are float32 by now): float32
         fx, fy, mx, my = ([t.float() for t in ts] for ts in (fx, fy, mx, my))
     return fx, fy, fx[0].shape[0], mx + my
 
@@ -721,7 +721,8 @@ def _kernel_inputs(x, y, kernel, sigma, tile, mask):
             s = _median_sigma(t) if s is None else float(s)
             gammas[i] = 1.0 / (2.0 * s * s) if math.isfinite(s) and s > 0 else 0.0
             if not gammas[i] > 0:
-                raise ValueError(f"sigma: expected a positive, finite RBF bandwidth, got {s}")
+                raise ValueError(f"sigma: expected a positive, finite RBF bandwidth (with 1 / (2 sigma^2) > 0), "
+                                 f"got {s}")
     mx, my = _exact_mean(x, mx), _exact_mean(y, my)
     # Centred by the op (float64 means rounded to the working dtype, subtracted tile by tile): exact for
     # both kernels' HSIC, and keeps dot products / distances well conditioned in float32 for activations
