@@ -96,9 +96,13 @@ __global__ void __launch_bounds__(kThreads)
   tile_dots(y, n, e, i0, j0, si, sj, lv);
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   double skl = 0.0, skk = 0.0, sll = 0.0;
+  // Fully unrolled: kv / lv are then indexed by constants and stay in registers (with run-time loops
+  // ptxas put both arrays in local memory, a 128-byte stack frame per thread for float).
+#pragma unroll
   for (int a = 0; a < 4; ++a) {
     const int64_t gi = i0 + ty * 4 + a;
     double rk = 0.0, rl = 0.0;
+#pragma unroll
     for (int b = 0; b < 4; ++b) {
       const int64_t gj = j0 + tx * 4 + b;
       if (gi >= n || gj >= n) continue;
