@@ -11,6 +11,7 @@ a student with removed blocks is compared with the teacher blocks it replaced.
 from __future__ import annotations
 
 import contextlib
+import operator
 import time
 from typing import Sequence
 
@@ -50,7 +51,13 @@ def check_layer_map(layer_map, n_student: int, n_teacher: int) -> list[int]:
                 f"layer_map: the student has {n_student} decoder layers and the teacher {n_teacher}; "
                 "pass the degradation record's layer_map (student index -> teacher index)")
         return list(range(n_student))
-    layer_map = [int(j) for j in layer_map]
+    try:
+        if not isinstance(layer_map, (list, tuple)):
+            raise TypeError
+        layer_map = [operator.index(j) for j in layer_map]
+    except TypeError:
+        raise TypeError(f"layer_map: expected a list of teacher block indices (ints), one per student block, "
+                        f"got {layer_map!r}") from None
     if len(layer_map) != n_student:
         raise ValueError(f"layer_map: expected one teacher index per student layer ({n_student}), "
                          f"got {len(layer_map)} entries")
@@ -60,15 +67,23 @@ def check_layer_map(layer_map, n_student: int, n_teacher: int) -> list[int]:
     return layer_map
 
 
+class _Outputs(list):
+    """Decoder-block outputs of one model's forwards; `active` False makes its hooks ignore a forward (a
+    teacher and student that share block modules, or one model passed as both, fire both hook sets)."""
+    active = True
+
+
 @contextlib.contextmanager
 def capture_layer_outputs(model):
     """Context manager yielding a list that each forward fills with every decoder block's output
-    (detached, in order). The caller reduces and clears it after each forward."""
-    buf: list[torch.Tensor] = []
+    (detached, in order) while its `active` attribute is True. The caller reduces and clears it after
+    each forward."""
+    buf = _Outputs()
 
     def hook(_module, _inputs, output):
-        h = output[0] if isinstance(output, (tuple, list)) else output
-        buf.append(h.detach())
+        if buf.active:
+            h = output[0] if isinstance(output, (tuple, list)) else output
+            buf.append(h.detach())
 
     handles = [layer.register_forward_hook(hook) for layer in _layers(model)]
     try:
@@ -93,14 +108,63 @@ def _forward_chunks(model, ids: torch.Tensor, chunk_len: int):
         yield s, e
 
 
-def _check_ids(token_ids) -> torch.Tensor:
+def _check_ids(token_ids, *models) -> torch.Tensor:
     if not isinstance(token_ids, torch.Tensor) or token_ids.dtype != torch.long or token_ids.ndim != 2:
         raise TypeError("token_ids: expected a LongTensor [n_blocks, block_len], got "
                         f"{type(token_ids).__name__} {getattr(token_ids, 'dtype', '')} "
                         f"{tuple(getattr(token_ids, 'shape', ()))}")
     if token_ids.numel() == 0:
         raise ValueError("token_ids: no tokens to align on (empty text?)")
+    lo, hi = int(token_ids.min()), int(token_ids.max())
+    for name, m in zip(("teacher", "student"), models):
+        vocab = unwrap(m).get_input_embeddings().num_embeddings
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"token_ids: expected ids in [0, {vocab}) (the {name}'s vocabulary), got "
+                             f"[{lo}, {hi}]")
     return token_ids
+
+
+def _positive(value, name):
+    try:
+        ok = not isinstance(value, bool) and operator.index(value) >= 1
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    return operator.index(value)
+
+
+@contextlib.contextmanager
+def _eval_mode(*models):
+    """Models in eval mode for the duration, each restored to its own mode afterwards (also on error)."""
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+def _advance(it, on: _Outputs, off: _Outputs):
+    """One chunk of one model's forward, recorded only in that model's buffer."""
+    on.active, off.active = True, False
+    try:
+        return next(it)
+    finally:
+        on.active = off.active = True
+
+
+def _lockstep(t_iter, s_iter, tbuf: _Outputs, sbuf: _Outputs):
+    """The (start, end) of each chunk after the teacher's and then the student's forward of it."""
+    while True:
+        try:
+            span = _advance(t_iter, tbuf, sbuf)
+        except StopIteration:
+            return
+        _advance(s_iter, sbuf, tbuf)
+        yield span
 
 
 @torch.no_grad()
@@ -119,11 +183,15 @@ def align(teacher, student, token_ids: torch.Tensor, *, layer_map: Sequence[int]
         chunk of at most `heatmap_tokens` randomly chosen tokens.
     kernel: None, "linear" or "rbf": additionally the kernel CKA of every matched pair on a fixed
         subsample of `kernel_tokens` tokens (tiled kernel, never n x n in memory).
-    Returns a JSON-able dict (per-layer CKA, mean CKA, heatmap, tokens used, timings).
+    Returns a JSON-able dict (per-layer CKA, mean CKA, heatmap, tokens used, timings). Under several
+    ranks, linear CKA and the heatmap are reduced exactly across ranks; the kernel CKA is computed on
+    each rank's own subsample (the main rank's is what `sdft align` writes). The models run in eval
+    mode and get their own mode back afterwards.
     """
     from .cka import LinearCKA, MinibatchCKA
 
-    token_ids = _check_ids(token_ids)
+    token_ids = _check_ids(token_ids, teacher, student)
+    batch_size = _positive(batch_size, "batch_size")
     world = world or init_world()
     n_s, n_t = len(_layers(student)), len(_layers(teacher))
     layer_map = check_layer_map(layer_map, n_s, n_t)
@@ -133,7 +201,14 @@ def align(teacher, student, token_ids: torch.Tensor, *, layer_map: Sequence[int]
     if kernel not in (None, "linear", "rbf"):
         raise ValueError(f"kernel: expected None, 'linear' or 'rbf', got {kernel!r}")
     T = token_ids.shape[1]
-    chunk_len = T if chunk_len is None else max(1, min(int(chunk_len), T))
+    chunk_len = T if chunk_len is None else min(_positive(chunk_len, "chunk_len"), T)
+    # the heatmap's minibatch CKA needs more than 3 tokens per chunk (unbiased HSIC): say so before any work
+    per_chunk = min(batch_size, token_ids.shape[0]) * min(chunk_len, T - drop_first)
+    if heatmap and per_chunk <= 3:
+        raise ValueError(f"heatmap: minibatch CKA needs more than 3 tokens per chunk, but batch_size x chunk_len "
+                         f"(after drop_first) gives {per_chunk}; use larger chunks or heatmap=False")
+    if kernel is not None:
+        kernel_tokens = _positive(kernel_tokens, "kernel_tokens")
 
     pairs = [(i, j) for i, j in enumerate(layer_map)]
     lin = LinearCKA(pairs=pairs)
@@ -142,17 +217,17 @@ def align(teacher, student, token_ids: torch.Tensor, *, layer_map: Sequence[int]
     n_kernel = 0
     gen = torch.Generator().manual_seed(seed + world.rank)
     device = next(unwrap(student).parameters()).device
-    teacher.eval(), student.eval()
 
     rows = shard(token_ids.shape[0], world)
     batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     t0 = time.perf_counter()
     bar = _bar(len(batches), "align", progress)
-    with capture_layer_outputs(teacher) as tbuf, capture_layer_outputs(student) as sbuf:
+    with _eval_mode(teacher, student), capture_layer_outputs(teacher) as tbuf, \
+            capture_layer_outputs(student) as sbuf:
         for b in batches:
             ids = token_ids[b].to(device)
             t_iter, s_iter = _forward_chunks(teacher, ids, chunk_len), _forward_chunks(student, ids, chunk_len)
-            for (s, e), _ in zip(t_iter, s_iter):
+            for s, e in _lockstep(t_iter, s_iter, tbuf, sbuf):
                 ys, xs = list(tbuf), list(sbuf)
                 tbuf.clear(), sbuf.clear()
                 pos = torch.arange(s, e, device=device)
@@ -200,6 +275,9 @@ def align(teacher, student, token_ids: torch.Tensor, *, layer_map: Sequence[int]
         from .cka import kernel_cka
         kc = []
         for p in range(len(pairs)):
+            if n_kernel < 2:  # e.g. a rank whose shard held no block
+                kc.append(float("nan"))
+                continue
             x = torch.cat([a for a, _ in ksamples[p]])
             y = torch.cat([c for _, c in ksamples[p]])
             kc.append(float(kernel_cka(x.double(), y.double(), kernel=kernel)))
@@ -222,7 +300,7 @@ def measure_overhead(teacher, student, ids_1d: torch.Tensor, *, layer_map=None, 
     """
     ids = ids_1d.reshape(1, -1)
     T = ids.shape[1]
-    chunk = T if chunk_len is None else chunk_len
+    chunk = T if chunk_len is None else min(_positive(chunk_len, "chunk_len"), T)
     device = next(unwrap(student).parameters()).device
     ids = ids.to(device)
 
@@ -235,15 +313,16 @@ def measure_overhead(teacher, student, ids_1d: torch.Tensor, *, layer_map=None, 
     def aligned():
         align(teacher, student, ids.cpu(), layer_map=layer_map, chunk_len=chunk, heatmap=heatmap)
 
-    plain(), aligned()  # warm-up
     tp, ta = [], []
-    for _ in range(repeats):  # interleaved, so load changes on a shared machine hit both alike
-        t = time.perf_counter()
-        plain()
-        tp.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        aligned()
-        ta.append(time.perf_counter() - t)
+    with _eval_mode(teacher, student):  # both timings in eval mode (align's own), modes restored after
+        plain(), aligned()  # warm-up
+        for _ in range(repeats):  # interleaved, so load changes on a shared machine hit both alike
+            t = time.perf_counter()
+            plain()
+            tp.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            aligned()
+            ta.append(time.perf_counter() - t)
     t_plain, t_align = sorted(tp)[len(tp) // 2], sorted(ta)[len(ta) // 2]
     return {"tokens": int(T), "chunk_len": int(chunk), "forward_s": t_plain, "align_s": t_align,
             "overhead": t_align / t_plain - 1.0, "heatmap": heatmap}

@@ -94,3 +94,42 @@ def test_bad_input(models):
         align(teacher, student, ids, drop_first=ids.shape[1])
     with pytest.raises(ValueError, match="kernel"):
         align(teacher, student, ids, kernel="poly")
+
+
+def test_student_sharing_block_modules_with_the_teacher(models):
+    # Block removal built by reusing the teacher's own blocks (and one model passed as both): every hook
+    # fired on both forwards, so each side saw the other's states (CKA 1 everywhere, a 4 x 5 heatmap).
+    teacher, _, ids = models
+    student = copy.deepcopy(teacher)
+    blocks = decoder_layers(student)
+    del blocks[:]
+    blocks.extend([decoder_layers(teacher)[0], decoder_layers(teacher)[2]])
+    student.config.num_hidden_layers = 2
+    out = align(teacher, student, ids, layer_map=[0, 2])
+    with torch.no_grad(), capture_layer_outputs(teacher) as tb:
+        teacher(input_ids=ids)
+    with torch.no_grad(), capture_layer_outputs(student) as sb:
+        student(input_ids=ids, use_cache=False)  # its block 1 is the teacher's block 2 (layer_idx 2)
+    ref = [float(ref_linear_cka(sb[i].reshape(-1, 32).double().numpy(), tb[j].reshape(-1, 32).double().numpy()))
+           for i, j in enumerate([0, 2])]
+    assert out["cka"] == pytest.approx(ref, abs=1e-6) and ref[1] < 1 - 1e-3
+    assert torch.tensor(out["heatmap"]).shape == (2, 3)
+    same = align(teacher, teacher, ids)
+    assert torch.tensor(same["heatmap"]).shape == (3, 3) and same["cka"] == pytest.approx([1.0] * 3, abs=1e-6)
+
+
+def test_modes_are_restored_and_bad_arguments_fail_first(models):
+    teacher, student, ids = models
+    teacher.train(), student.eval()
+    align(teacher, student, ids, heatmap=False)
+    assert teacher.training and not student.training
+    teacher.eval()
+    vocab = teacher.config.vocab_size
+    for kw, match in [(dict(token_ids=ids + vocab), "vocabulary"), (dict(batch_size=0), "batch_size"),
+                      (dict(chunk_len=0), "chunk_len"), (dict(layer_map={0: 0, 1: 1, 2: 2}), "layer_map"),
+                      (dict(chunk_len=1, heatmap=True), "more than 3 tokens"),
+                      (dict(kernel="linear", kernel_tokens=0), "kernel_tokens")]:
+        args = dict(token_ids=ids, heatmap=False)
+        args.update(kw)
+        with pytest.raises((ValueError, TypeError), match=match):
+            align(teacher, student, args.pop("token_ids"), **args)

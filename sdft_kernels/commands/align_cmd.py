@@ -44,7 +44,7 @@ def main(args) -> int:
         res["overhead"] = measure_overhead(teacher, student, ids[0], layer_map=layer_map, chunk_len=args.chunk,
                                            heatmap=not args.no_heatmap)
     if not world.is_main:
-        return 0  # every rank holds the same result; the main rank writes it
+        return 0  # linear CKA and the heatmap are all-reduced (kernel CKA is the main rank's own); it writes
     if args.plot and "heatmap" in res:
         from pathlib import Path
         from ..plots import heatmap
