@@ -11,6 +11,7 @@ a student with removed blocks is compared with the teacher blocks it replaced.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import operator
 import time
 from typing import Sequence
@@ -93,18 +94,25 @@ def capture_layer_outputs(model):
             h.remove()
 
 
+def _cache_name(model) -> str:
+    """The KV-cache argument / output field of this model's forward: `cache` from transformers 5.2x on
+    (where `past_key_values` is deprecated, to be removed in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
+
+
 def _forward_chunks(model, ids: torch.Tensor, chunk_len: int):
     """Run `ids` [B, T] through `model` chunk by chunk with its KV cache; yields (start, end) after
     each chunk's forward (hooks have fired by then)."""
     cache = None
     T = ids.shape[1]
+    name = _cache_name(model) if chunk_len < T else None
     for s in range(0, T, chunk_len):
         e = min(T, s + chunk_len)
         if chunk_len >= T:
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
         else:
-            out = model(input_ids=ids[:, s:e], past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+            out = model(input_ids=ids[:, s:e], use_cache=True, logits_to_keep=1, **{name: cache})
+            cache = getattr(out, name)
         yield s, e
 
 
