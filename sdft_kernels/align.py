@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from .checks import int_at_least
 from .distributed import World, init_world, shard
 
 
@@ -132,16 +133,6 @@ def _check_ids(token_ids, *models) -> torch.Tensor:
     return token_ids
 
 
-def _positive(value, name):
-    try:
-        ok = not isinstance(value, bool) and operator.index(value) >= 1
-    except TypeError:
-        ok = False
-    if not ok:
-        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-    return operator.index(value)
-
-
 @contextlib.contextmanager
 def _eval_mode(*models):
     """Models in eval mode for the duration, each restored to its own mode afterwards (also on error)."""
@@ -199,7 +190,7 @@ def align(teacher, student, token_ids: torch.Tensor, *, layer_map: Sequence[int]
     from .cka import LinearCKA, MinibatchCKA
 
     token_ids = _check_ids(token_ids, teacher, student)
-    batch_size = _positive(batch_size, "batch_size")
+    batch_size = int_at_least(batch_size, "batch_size", 1)
     world = world or init_world()
     n_s, n_t = len(_layers(student)), len(_layers(teacher))
     layer_map = check_layer_map(layer_map, n_s, n_t)
@@ -209,14 +200,14 @@ def align(teacher, student, token_ids: torch.Tensor, *, layer_map: Sequence[int]
     if kernel not in (None, "linear", "rbf"):
         raise ValueError(f"kernel: expected None, 'linear' or 'rbf', got {kernel!r}")
     T = token_ids.shape[1]
-    chunk_len = T if chunk_len is None else min(_positive(chunk_len, "chunk_len"), T)
+    chunk_len = T if chunk_len is None else min(int_at_least(chunk_len, "chunk_len", 1), T)
     # the heatmap's minibatch CKA needs more than 3 tokens per chunk (unbiased HSIC): say so before any work
     per_chunk = min(batch_size, token_ids.shape[0]) * min(chunk_len, T - drop_first)
     if heatmap and per_chunk <= 3:
         raise ValueError(f"heatmap: minibatch CKA needs more than 3 tokens per chunk, but batch_size x chunk_len "
                          f"(after drop_first) gives {per_chunk}; use larger chunks or heatmap=False")
     if kernel is not None:
-        kernel_tokens = _positive(kernel_tokens, "kernel_tokens")
+        kernel_tokens = int_at_least(kernel_tokens, "kernel_tokens", 1)
 
     pairs = [(i, j) for i, j in enumerate(layer_map)]
     lin = LinearCKA(pairs=pairs)
@@ -308,7 +299,7 @@ def measure_overhead(teacher, student, ids_1d: torch.Tensor, *, layer_map=None, 
     """
     ids = ids_1d.reshape(1, -1)
     T = ids.shape[1]
-    chunk = T if chunk_len is None else min(_positive(chunk_len, "chunk_len"), T)
+    chunk = T if chunk_len is None else min(int_at_least(chunk_len, "chunk_len", 1), T)
     device = next(unwrap(student).parameters()).device
     ids = ids.to(device)
 

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .checks import int_at_least
 from .ops import cka as _k
 
 __all__ = ["LinearCKA", "MinibatchCKA", "kernel_hsic", "kernel_cka"]
@@ -159,19 +160,8 @@ def _scratch(cache: dict, shape, dtype, device):
     return cache[key]
 
 
-def _nonneg_int(value, name, minimum=0):
-    """value as an int (Python or NumPy integer, not bool) >= minimum, else a ValueError naming it."""
-    try:
-        ok = not isinstance(value, bool) and operator.index(value) >= minimum
-    except TypeError:
-        ok = False
-    if not ok:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return operator.index(value)
-
-
 def _check_drop_first(drop_first):
-    return _nonneg_int(drop_first, "drop_first")
+    return int_at_least(drop_first, "drop_first")
 
 
 def _resolve_pairs(pairs, nx, ny):
@@ -533,7 +523,7 @@ class MinibatchCKA:
 
     def __init__(self, drop_first: int = 0, chunk: int = 64):
         self.drop_first = _check_drop_first(drop_first)
-        self.chunk = _nonneg_int(chunk, "chunk", minimum=1)
+        self.chunk = int_at_least(chunk, "chunk", minimum=1)
         self.reset()
 
     def reset(self):
@@ -709,7 +699,7 @@ def _kernel_inputs(x, y, kernel, sigma, tile, mask):
         raise ValueError(f"y: expected {x.shape[0]} tokens (rows) like x, got {y.shape[0]}")
     if kernel not in _k.KERNELS:
         raise ValueError(f"kernel: expected 'linear' or 'rbf', got {kernel!r}")
-    tile = None if tile is None else _nonneg_int(tile, "tile", minimum=1)
+    tile = None if tile is None else int_at_least(tile, "tile", minimum=1)
     fx, fy, n, (mx, my) = _prepare([x], [y], mask, 0, names=("x", "y"))
     x, y = fx[0], fy[0]
     sig = tuple(sigma) if isinstance(sigma, (tuple, list)) else (sigma, sigma)

@@ -14,11 +14,11 @@ forward (retain_graph=True is refused with a clear error, except for float64), a
 """
 from __future__ import annotations
 
-import operator
 import re
 
 import torch
 
+from ..checks import int_at_least
 from .distill import (DIVERGENCES, check_not_reused, check_once_differentiable, check_options, row_weights,
                       traced, valid_rows)
 
@@ -29,13 +29,7 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20  # one chunk's logits (student, overwritten by
 
 def _chunk_rows(n, vocab, elem_bytes, chunk_size):
     if chunk_size is not None:
-        try:
-            ok = not isinstance(chunk_size, bool) and operator.index(chunk_size) >= 1
-        except TypeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
-        return operator.index(chunk_size)
+        return int_at_least(chunk_size, "chunk_size", 1)
     rows = DEFAULT_CHUNK_BYTES // max(1, 2 * vocab * elem_bytes)
     if rows >= 64:
         rows -= rows % 64  # whole GEMM tiles
