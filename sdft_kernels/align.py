@@ -65,7 +65,8 @@ def check_layer_map(layer_map, n_student: int, n_teacher: int) -> list[int]:
                          f"got {len(layer_map)} entries")
     bad = [j for j in layer_map if not 0 <= j < n_teacher]
     if bad:
-        raise ValueError(f"layer_map: teacher indices must be in [0, {n_teacher}), got {bad}")
+        raise ValueError(f"layer_map: teacher indices must be in [0, {n_teacher}), got {bad} (a degradation "
+                         "record maps onto the original model's blocks: is the teacher itself degraded?)")
     return layer_map
 
 
