@@ -53,13 +53,10 @@ def check_layer_map(layer_map, n_student: int, n_teacher: int) -> list[int]:
                 f"layer_map: the student has {n_student} decoder layers and the teacher {n_teacher}; "
                 "pass the degradation record's layer_map (student index -> teacher index)")
         return list(range(n_student))
-    try:
-        if not isinstance(layer_map, (list, tuple)):
-            raise TypeError
-        layer_map = [operator.index(j) for j in layer_map]
-    except TypeError:
+    if not (isinstance(layer_map, (list, tuple)) and all(hasattr(j, "__index__") for j in layer_map)):
         raise TypeError(f"layer_map: expected a list of teacher block indices (ints), one per student block, "
-                        f"got {layer_map!r}") from None
+                        f"got {layer_map!r}")
+    layer_map = [operator.index(j) for j in layer_map]
     if len(layer_map) != n_student:
         raise ValueError(f"layer_map: expected one teacher index per student layer ({n_student}), "
                          f"got {len(layer_map)} entries")

@@ -160,10 +160,6 @@ def _scratch(cache: dict, shape, dtype, device):
     return cache[key]
 
 
-def _check_drop_first(drop_first):
-    return int_at_least(drop_first, "drop_first")
-
-
 def _resolve_pairs(pairs, nx, ny):
     if pairs == "diagonal":
         if nx != ny:
@@ -220,7 +216,7 @@ class LinearCKA:
             raise ValueError(f"pairs: expected 'diagonal', 'all' or a list of (i, j), got {pairs!r}")
         self._pairs_arg = pairs
         self.debiased = bool(debiased)
-        self.drop_first = _check_drop_first(drop_first)
+        self.drop_first = int_at_least(drop_first, "drop_first")
         self.reset()
 
     def reset(self):
@@ -522,7 +518,7 @@ class MinibatchCKA:
     """
 
     def __init__(self, drop_first: int = 0, chunk: int = 64):
-        self.drop_first = _check_drop_first(drop_first)
+        self.drop_first = int_at_least(drop_first, "drop_first")
         self.chunk = int_at_least(chunk, "chunk", minimum=1)
         self.reset()
 

@@ -72,7 +72,7 @@ def _chunks(sh, sw, sb, th, tw, tb, valid, row_w, div, beta, tau, vocab, chunk, 
             else:
                 loss, _ = torch.ops.sdft_kernels.distill_dense(s_logits, t_logits, valid[c0:c1], w, div, beta,
                                                                tau, False)
-        except RuntimeError as e:  # the kernel names a row of this chunk: name the token and the inputs
+        except RuntimeError as e:  # RowError::raise (csrc/cpu/distill_common.h) names a row of this chunk
             m = re.match(r"(student|teacher)_logits: row (\d+) (.*)", str(e).splitlines()[0])
             if not m:
                 raise
