@@ -129,6 +129,30 @@ def test_cuda_matches_reference(dtype, divergence):
         assert float((g.double().cpu() - g_ref).abs().max()) <= tol
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize("gap", [50.0, 120.0, 300.0])
+def test_student_tail_far_below_its_max(device, divergence, gap):
+    # The student's unlisted entries lie `gap` nats below its listed ones while the teacher leaves 1e-4
+    # of its mass in the tail: past ~90 nats their exps underflow relative to the row max, and a tail
+    # summed that way made forward KL inf (true value ~1e-4 * gap) and zeroed the tail's gradient.
+    n, v, k = 3, 70, 4
+    s = torch.full((n, v), -gap)
+    s[:, :k] = torch.tensor([0.0, -1.0, 0.5, -0.25])
+    s[1, k:] -= torch.linspace(0, 3, v - k)  # an uneven tail
+    idx = torch.arange(k).repeat(n, 1)
+    lp = torch.full((n, k), (1 - 1e-4) / k).log()
+    x = s.to(device).requires_grad_()
+    out = distill_loss_topk(x, lp.to(device), idx.to(device), divergence=divergence, reduction="none")
+    (g,) = torch.autograd.grad(out.sum(), x)
+    x64 = s.double().requires_grad_()
+    ref = distill_loss_topk_ref(x64, lp.double(), idx, divergence=divergence, reduction="none")
+    (g_ref,) = torch.autograd.grad(ref.sum(), x64)
+    assert torch.isfinite(out).all(), out
+    assert torch.allclose(out.double().cpu(), ref, rtol=1e-5, atol=1e-7), (out, ref)
+    assert torch.allclose(g.double().cpu(), g_ref, rtol=1e-4, atol=1e-9), float((g.double().cpu() - g_ref).abs().max())
+
+
 @pytest.mark.cuda
 def test_cuda_bad_index_reported():
     s, _, lp, idx = _inputs(4, 20, 5)

@@ -68,6 +68,22 @@ C10_ALWAYS_INLINE int topk_row(int64_t div, bool grad, const RowParams<acc_t>& P
   acc_t tail_e = lanes_sum(tl);
   for (; j < V; ++j) tail_e += mark[j] ? acc_t(0) : e[j];
   const bool has_tail = k < V;
+  // tail_e and the tail's e[j] are relative to the row's max, lq_tail = log(tail_e) + tail_shift - log_zs.
+  // When the tail lies so far below the max that its exps underflow (~90 nats in float), they are redone
+  // relative to the tail's own max (a rare scalar pass): the tail's log-mass stays finite, so a forward KL
+  // against a teacher that puts mass there is large instead of inf, and tail entries keep their gradient.
+  acc_t tail_shift = 0;
+  if (has_tail && tail_e < std::sqrt(std::numeric_limits<acc_t>::min())) {
+    acc_t mt = -inf;
+    for (int64_t c = 0; c < V; ++c)
+      if (!mark[c]) mt = std::max(mt, static_cast<acc_t>(z[c]) * it);
+    if (mt > -inf) {
+      tail_e = 0;
+      for (int64_t c = 0; c < V; ++c)
+        if (!mark[c]) tail_e += e[c] = std::exp(static_cast<acc_t>(z[c]) * it - mt);
+      tail_shift = mt - ms;
+    }
+  }
   // Bucket log-probs: bl[0..k) = teacher (lp), bl[k+1..2k+1) = student (lq); tail at index k / 2k+1.
   acc_t* lp = bl;
   acc_t* lq = bl + (k + 1);
@@ -77,7 +93,7 @@ C10_ALWAYS_INLINE int topk_row(int64_t div, bool grad, const RowParams<acc_t>& P
   }
   const double p_tail = std::max(0.0, 1.0 - p_sum);
   lp[k] = p_tail > 0 ? static_cast<acc_t>(std::log(p_tail)) : -inf;
-  lq[k] = tail_e > 0 ? std::log(tail_e) - log_zs : -inf;
+  lq[k] = tail_e > 0 ? std::log(tail_e) + tail_shift - log_zs : -inf;
   const int64_t nb = has_tail ? k + 1 : k;
   acc_t L = 0, K = 0;
   for (int64_t b = 0; b < nb; ++b) {

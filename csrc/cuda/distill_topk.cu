@@ -108,15 +108,17 @@ __global__ void __launch_bounds__(kBlock) distill_topk_kernel(
     return;
   }
   const acc_t lzs = ms + ::log(zs);
-  // Student mass outside the listed entries, relative to exp(lzs).
-  acc_t tail = 0;
+  // Student mass outside the listed entries as its own log-sum-exp (max mt, sum tail of exp(a - mt)):
+  // summed relative to the row's max it underflows to 0 when the tail lies ~90 nats below it, and a
+  // forward KL against a teacher that puts mass there would turn inf instead of large.
+  acc_t mt = -inf, tail = 0;
   for (int64_t j = tid; j < V; j += kBlock)
-    if (!(bitmap[j / 32] & (1u << (j % 32)))) tail += fast_exp(static_cast<acc_t>(z[j]) * it - lzs);
-  tail = block_sum<kBlock>(tail, red);
+    if (!(bitmap[j / 32] & (1u << (j % 32)))) lse_merge(mt, tail, static_cast<acc_t>(z[j]) * it, acc_t(1));
+  block_lse<kBlock>(mt, tail, red);
   const bool has_tail = k < V;
   const double p_tail = psum < 1.0 ? 1.0 - psum : 0.0;
   const acc_t lp_tail = p_tail > 0 ? static_cast<acc_t>(::log(p_tail)) : -inf;
-  const acc_t lq_tail = tail > 0 ? ::log(tail) : -inf;
+  const acc_t lq_tail = tail > 0 ? mt + ::log(tail) - lzs : -inf;
   // Bucket terms.
   acc_t L = 0, K = 0;
   for (int64_t i = tid; i < k; i += kBlock) {
@@ -138,7 +140,7 @@ __global__ void __launch_bounds__(kBlock) distill_topk_kernel(
   const acc_t gt = has_tail && tail > 0 ? bucket_grad(P, lp_tail, lq_tail, rs) / tail : acc_t(0);
   for (int64_t j = tid; j < V; j += kBlock)
     if (!(bitmap[j / 32] & (1u << (j % 32))))
-      g[j] = static_cast<scalar_t>(gt * fast_exp(static_cast<acc_t>(z[j]) * it - lzs));
+      g[j] = static_cast<scalar_t>(gt * fast_exp(static_cast<acc_t>(z[j]) * it - mt));
   for (int64_t i = tid; i < k; i += kBlock)
     g[idx[i]] = static_cast<scalar_t>(bucket_grad(P, lpk[i], static_cast<acc_t>(z[idx[i]]) * it - lzs, rs));
 }
