@@ -1,13 +1,13 @@
 """Two gloo processes, each seeing a different (unequal) shard of the tokens: after all_reduce every rank
 holds the single-process result, to float64 precision."""
 import os
-import socket
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import rank_env
 from sdft_kernels import LinearCKA, MinibatchCKA
 
 SPLIT = 70  # rank 0 gets tokens [0, 70), rank 1 [70, 200)
@@ -33,7 +33,7 @@ def _feed(ests, xs, ys, lo, hi):
 
 
 def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(rank_env(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -52,14 +52,8 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_process_gloo_all_reduce_equals_single_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_two_process_gloo_all_reduce_equals_single_process(tmp_path, rendezvous_port):
+    mp.spawn(_worker, args=(2, rendezvous_port, str(tmp_path)), nprocs=2, join=True)
     xs, ys = _data()
     ests = _estimators()
     _feed(ests, xs, ys, 0, SPLIT)  # same minibatch boundaries as the two ranks

@@ -8,13 +8,13 @@ parent process computes the single-process references and compares:
   - LinearCKA / MinibatchCKA all_reduce over 2 shards == one accumulator on all data (float64).
 """
 import os
-import socket
 import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import rank_env
 from sdft_kernels import distributed as D
 
 VOCAB, SEQ, ROWS, STEPS, K, LR = 96, 10, 5, 4, 2, 1e-3
@@ -116,8 +116,7 @@ class _AlwaysEqual:
 
 def _worker(rank, world_size, port, tmp, run_cka):
     torch.set_num_threads(1)  # forked child: one thread each, no OpenMP pool inherited
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(rank_env(port, RANK=rank, WORLD_SIZE=world_size, LOCAL_RANK=rank))
     world = D.init_world("gloo", timeout_s=90)
     assert (world.rank, world.world_size, world.is_distributed, world.is_main) == (rank, 2, True, rank == 0)
     out = {}
@@ -171,14 +170,8 @@ def _worker(rank, world_size, port, tmp, run_cka):
     D.destroy_world(world)
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_ranks(tmp, run_cka, timeout=150):
-    ctx = mp.start_processes(_worker, args=(2, _free_port(), tmp, run_cka), nprocs=2, join=False,
+def _run_ranks(tmp, port, run_cka, timeout=150):
+    ctx = mp.start_processes(_worker, args=(2, port, tmp, run_cka), nprocs=2, join=False,
                              start_method="fork")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1):
@@ -197,7 +190,7 @@ def _assert_states_close(got, want, what, atol=2e-6, rtol=1e-5):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, rendezvous_port):
     tmp = tmp_path_factory.mktemp("dist")
     import sdft_kernels
     run_cka = hasattr(sdft_kernels, "LinearCKA") and hasattr(sdft_kernels, "MinibatchCKA")
@@ -208,7 +201,7 @@ def runs(tmp_path_factory):
     D.save_checkpoint(tmp / "ckpt_1rank.pt", world, student, opt, extra={"step": K})
     ref_losses += _reference_steps(student, teacher, opt, range(K, STEPS))
     ref_state = {k: v.clone() for k, v in student.state_dict().items()}
-    ranks = _run_ranks(tmp, run_cka)
+    ranks = _run_ranks(tmp, rendezvous_port, run_cka)
     return {"tmp": tmp, "ref_losses": ref_losses, "ref_state": ref_state, "ranks": ranks, "run_cka": run_cka}
 
 
