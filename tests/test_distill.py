@@ -266,6 +266,9 @@ def test_bad_inputs_name_the_argument():
     _bad(lambda: distill_loss(s.long(), t), "student_logits")
     _bad(lambda: distill_loss(s, t, labels=torch.tensor([0, 1, 2, 10])), "labels")
     _bad(lambda: distill_loss(s, t, labels=torch.tensor([0, 1, 2])), "labels")
+    pad = torch.tensor([True, True, True, False])  # labels under mask False are padding: not range-checked
+    assert distill_loss(s, t, labels=torch.tensor([0, 1, 2, 10]), mask=pad) == distill_loss(s, t, mask=pad)
+    _bad(lambda: distill_loss(s, t, labels=torch.tensor([0, 1, 10, 2]), mask=pad), "labels")  # this one counts
     _bad(lambda: distill_loss(s, t, mask=torch.ones(3, dtype=torch.bool)), "mask")
     _bad(lambda: distill_loss(s, t, beta=1.5, divergence="jsd"), "beta")
     _bad(lambda: distill_loss(s, t, temperature=0.0), "temperature")

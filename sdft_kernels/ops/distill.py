@@ -180,25 +180,10 @@ def check_options(divergence, beta, temperature, reduction):
 
 
 def valid_rows(lead, vocab, device, labels, ignore_index, mask) -> torch.Tensor:
-    """Bool [N] of rows that count (label != ignore_index and mask True), checked against `lead`."""
+    """Bool [N] of rows that count (label != ignore_index and mask True), checked against `lead`. Labels
+    are range-checked only where they count (a padding label under mask False may be anything)."""
     lead = tuple(lead)
     valid = torch.ones(lead, dtype=torch.bool, device=device)
-    if labels is not None:
-        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise TypeError(f"labels: expected an integer tensor, got "
-                            f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
-        if tuple(labels.shape) != lead:
-            raise ValueError(f"labels: expected shape {lead} (the logits without the vocabulary dim), "
-                             f"got {tuple(labels.shape)}")
-        if labels.device != device:
-            raise ValueError(f"labels: expected a tensor on {device}, got one on {labels.device}")
-        keep = labels != ignore_index
-        if not torch.compiler.is_compiling():  # data-dependent check: eager only
-            bad = keep & ((labels < 0) | (labels >= vocab))
-            if bool(bad.any()):
-                raise ValueError(f"labels: expected values in [0, {vocab}) or ignore_index={ignore_index}, "
-                                 f"got {labels[bad].flatten()[0].item()}")
-        valid = valid & keep
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask: expected a bool tensor, got {type(mask).__name__}")
@@ -208,6 +193,22 @@ def valid_rows(lead, vocab, device, labels, ignore_index, mask) -> torch.Tensor:
         if mask.device != device:
             raise ValueError(f"mask: expected a tensor on {device}, got one on {mask.device}")
         valid = valid & (mask if mask.dtype == torch.bool else mask != 0)
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError(f"labels: expected an integer tensor, got "
+                            f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+        if tuple(labels.shape) != lead:
+            raise ValueError(f"labels: expected shape {lead} (the logits without the vocabulary dim), "
+                             f"got {tuple(labels.shape)}")
+        if labels.device != device:
+            raise ValueError(f"labels: expected a tensor on {device}, got one on {labels.device}")
+        keep = (labels != ignore_index) & valid  # a label under mask False is never read: not checked
+        if not torch.compiler.is_compiling():  # data-dependent check: eager only
+            bad = keep & ((labels < 0) | (labels >= vocab))
+            if bool(bad.any()):
+                raise ValueError(f"labels: expected values in [0, {vocab}) or ignore_index={ignore_index}, "
+                                 f"got {labels[bad].flatten()[0].item()}")
+        valid = keep
     return valid.reshape(-1)
 
 
