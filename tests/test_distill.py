@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sdft_kernels
-from sdft_kernels import DistillationLoss, distill_loss
+from sdft_kernels import DistillationLoss, distill_loss, distill_loss_topk, fused_linear_distill_loss
 from sdft_kernels.reference.distill import distill_loss_ref, distill_loss_topk_ref
 from sdft_kernels.ops.distill import DIVERGENCES
 
@@ -282,6 +282,18 @@ def test_bad_inputs_name_the_argument():
     t_inf[1, 0] = float("inf")
     _bad(lambda: distill_loss(s, t_inf), "teacher_logits")
     _bad(lambda: distill_loss(torch.full((2, 3), float("-inf")), torch.zeros(2, 3)), "student_logits")
+
+
+def test_torch_func_grad_is_refused_by_name_and_vmap_works():
+    s, t = _inputs((3, 4, 10))
+    _bad(lambda: torch.func.grad(lambda x: distill_loss(x, t[0]))(s[0]), "student_logits: torch.func")
+    lp, idx = t[0].log_softmax(-1).topk(3, dim=-1)
+    _bad(lambda: torch.func.grad(lambda x: distill_loss_topk(x, lp, idx))(s[0]), "student_logits: torch.func")
+    w = torch.randn(10, 5)
+    _bad(lambda: torch.func.grad(lambda h: fused_linear_distill_loss(h, w, h.detach(), w))(torch.randn(4, 5)),
+         "student_hidden: torch.func")
+    got = torch.vmap(lambda a, b: distill_loss(a, b, divergence="jsd"))(s, t)  # forward: per-sample fallback
+    assert torch.allclose(got, torch.stack([distill_loss(a, b, divergence="jsd") for a, b in zip(s, t)]))
 
 
 def test_opcheck():

@@ -14,7 +14,8 @@ The teacher never gets a gradient. The loss is float32 (float64 for float64 logi
 logits' dtype; the gradient is produced by the forward kernel in the logits' dtype and backward only
 scales it (in place in eager mode, so the extra memory is one gradient buffer; backward therefore runs
 once per forward: retain_graph=True is refused with a clear error, except for float64). Double backward
-(create_graph=True) is refused too: the kernel gives first derivatives only.
+(create_graph=True) is refused too: the kernel gives first derivatives only. torch.func's grad, jacrev
+and jvp are refused by name (use torch.autograd.grad); torch.vmap of the forward works.
 """
 from __future__ import annotations
 
@@ -167,6 +168,15 @@ def _check_logits(name, x):
         raise ValueError(f"{name}: expected shape [..., V] with V >= 1, got {tuple(x.shape)}")
 
 
+def check_no_func_grad(name, t):
+    """torch.func's differentiating transforms (grad, jacrev, jvp, ...) need autograd.Functions with
+    setup_context, which the autograd of ops registered by torch.library.register_autograd lacks; PyTorch's
+    own error would not say which call is at fault. (vmap of the forward works, one sample at a time.)"""
+    if isinstance(t, torch.Tensor) and torch._C._functorch.is_gradtrackingtensor(t):
+        raise RuntimeError(f"{name}: torch.func transforms that differentiate (grad, jacrev, jvp, ...) are not "
+                           "supported by the fused kernels; use torch.autograd.grad or loss.backward()")
+
+
 def check_options(divergence, beta, temperature, reduction):
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence: expected one of {sorted(DIVERGENCES)}, got {divergence!r}")
@@ -259,6 +269,7 @@ def distill_loss(student_logits, teacher_logits, *, divergence="forward_kl", bet
     """
     _check_logits("student_logits", student_logits)
     _check_logits("teacher_logits", teacher_logits)
+    check_no_func_grad("student_logits", student_logits)
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"teacher_logits: expected shape {tuple(student_logits.shape)} like student_logits, "
                          f"got {tuple(teacher_logits.shape)}")
@@ -302,6 +313,7 @@ def distill_loss_topk(student_logits, teacher_topk_logprobs, teacher_topk_indice
     """
     _check_logits("student_logits", student_logits)
     _check_logits("teacher_topk_logprobs", teacher_topk_logprobs)
+    check_no_func_grad("student_logits", student_logits)
     idx = teacher_topk_indices
     if not isinstance(idx, torch.Tensor) or idx.dtype.is_floating_point or idx.dtype == torch.bool:
         raise TypeError("teacher_topk_indices: expected an integer tensor")

@@ -19,8 +19,8 @@ import re
 import torch
 
 from ..checks import int_at_least
-from .distill import (DIVERGENCES, check_not_reused, check_once_differentiable, check_options, row_weights,
-                      traced, valid_rows)
+from .distill import (DIVERGENCES, check_no_func_grad, check_not_reused, check_once_differentiable, check_options,
+                      row_weights, traced, valid_rows)
 
 __all__ = ["fused_linear_distill_loss", "DEFAULT_CHUNK_BYTES"]
 
@@ -166,6 +166,7 @@ def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, te
             raise TypeError(f"{name}: expected a floating-point tensor")
         if t.device != student_hidden.device:
             raise ValueError(f"{name}: expected a tensor on {student_hidden.device}, got one on {t.device}")
+        check_no_func_grad(name, t)
     if student_hidden.dim() < 1 or student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[-1]:
         raise ValueError(f"student_weight: expected shape [V, {student_hidden.shape[-1]}] (student_hidden is "
                          f"{tuple(student_hidden.shape)}), got {tuple(student_weight.shape)}")
