@@ -172,6 +172,8 @@ def check_no_func_grad(name, t):
     """torch.func's differentiating transforms (grad, jacrev, jvp, ...) need autograd.Functions with
     setup_context, which the autograd of ops registered by torch.library.register_autograd lacks; PyTorch's
     own error would not say which call is at fault. (vmap of the forward works, one sample at a time.)"""
+    if torch.compiler.is_compiling():  # dynamo cannot trace the check (a pybind builtin)
+        return
     if isinstance(t, torch.Tensor) and torch._C._functorch.is_gradtrackingtensor(t):
         raise RuntimeError(f"{name}: torch.func transforms that differentiate (grad, jacrev, jvp, ...) are not "
                            "supported by the fused kernels; use torch.autograd.grad or loss.backward()")
