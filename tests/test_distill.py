@@ -284,6 +284,26 @@ def test_bad_inputs_name_the_argument():
     _bad(lambda: distill_loss(torch.full((2, 3), float("-inf")), torch.zeros(2, 3)), "student_logits")
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("scale,offset,temperature", [(2.0, 1e4, 1.0), (2.0, 1e4, 0.01), (10.0, 0.0, 0.1)])
+def test_float32_loss_keeps_precision_at_large_logits(device, scale, offset, temperature):
+    # Log-probs must be (x / T - max) - log(sum): computing x / T - (max + log(sum)) shifts every term by an
+    # ulp of |max / T| (relative loss errors of 5e-4 at offset 1e4 and 6e-3 at T = 0.1, against float64 on
+    # the same float32 inputs). Both are ~1e-7 when the max is taken out first.
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(64, 1000, generator=g) * scale + offset
+    t = torch.randn(64, 1000, generator=g) * scale + offset
+    lp, idx = (t.double() / temperature).log_softmax(-1).topk(1000, dim=-1)
+    for div in DIVERGENCES:
+        kw = dict(divergence=div, temperature=temperature, beta=0.3)
+        got = distill_loss(s.to(device), t.to(device), **kw).item()
+        want = distill_loss_ref(s.double(), t.double(), **kw).item()
+        assert abs(got - want) <= 1e-6 * abs(want), (div, got, want)
+    got = distill_loss_topk(s.to(device), lp.float().to(device), idx.to(device), temperature=temperature).item()
+    want = distill_loss_topk_ref(s.double(), lp.float().double(), idx, temperature=temperature).item()
+    assert abs(got - want) <= 1e-6 * abs(want), (got, want)
+
+
 def test_torch_func_grad_is_refused_by_name_and_vmap_works():
     s, t = _inputs((3, 4, 10))
     _bad(lambda: torch.func.grad(lambda x: distill_loss(x, t[0]))(s[0]), "student_logits: torch.func")

@@ -192,7 +192,9 @@ C10_ALWAYS_INLINE int dense_row(const RowParams<acc_t>& P, const scalar_t* z, co
   // NaN fails the test, and so does a row with no finite entry (zs = 0).
   if (!(zs >= acc_t(0.5))) return 1;
   if (!(zu >= acc_t(0.5))) return 2;
-  const acc_t lzs = ms + std::log(zs), lzu = mu + std::log(zu), izs = acc_t(1) / zs, izu = acc_t(1) / zu;
+  // Log-probabilities as (x / T - max) - log(sum): the max is taken out first, exactly for the values near
+  // it, so rounding max + log(sum) (an ulp of |max|, ~1e-3 at logits of 1e4) does not shift every term.
+  const acc_t lzs = std::log(zs), lzu = std::log(zu), izs = acc_t(1) / zs, izu = acc_t(1) / zu;
   acc_t L[W] = {}, K[W] = {};
   for (int64_t j0 = 0, c = 0; j0 < V; j0 += CH, ++c) {
     const int64_t n = std::min(CH, V - j0);
@@ -206,7 +208,7 @@ C10_ALWAYS_INLINE int dense_row(const RowParams<acc_t>& P, const scalar_t* z, co
     }
     auto elem = [&](int64_t j, int64_t l) {
       const acc_t q = es[j] * fs, p = et[j] * fu;
-      const acc_t lq = zc[j] * it - lzs, lp = tc[j] * it - lzu;
+      const acc_t lq = (zc[j] * it - ms) - lzs, lp = (tc[j] * it - mu) - lzu;
       acc_t kt = 0, lm = 0;
       L[l] += divergence_term<acc_t>(DIV, p, q, lp, lq, beta, P.log_beta, P.log_1mbeta, kt, lm);
       if constexpr (DIV == kJSD) K[l] += kt;
@@ -231,8 +233,8 @@ C10_ALWAYS_INLINE int dense_row(const RowParams<acc_t>& P, const scalar_t* z, co
       acc_t* gc;
       if constexpr (kConv) gc = bg; else gc = g + j0;
       for (int64_t j = 0; j < n; ++j) {
-        const acc_t lq = zc[j] * it - lzs;
-        const acc_t lp = DIV == kReverseKL ? tc[j] * it - lzu : acc_t(0);
+        const acc_t lq = (zc[j] * it - ms) - lzs;
+        const acc_t lp = DIV == kReverseKL ? (tc[j] * it - mu) - lzu : acc_t(0);
         const acc_t lm = DIV == kJSD ? et[j] : acc_t(0);
         gc[j] = divergence_grad<acc_t>(DIV, acc_t(0), es[j], lp, lq, lm, beta, rs) * gs;
       }

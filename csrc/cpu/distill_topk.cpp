@@ -39,7 +39,7 @@ C10_ALWAYS_INLINE int topk_row(int64_t div, bool grad, const RowParams<acc_t>& P
   const acc_t ms = row_max(zf, V) * it;
   const acc_t zs = exp_row(zf, e, V, it, ms);
   if (!(zs >= acc_t(0.5))) return 1;  // the max element gives 1 up to one rounding (see dense_row)
-  const acc_t log_zs = std::log(zs), lzs = ms + log_zs;
+  const acc_t log_zs = std::log(zs);  // log-probs are (x / T - ms) - log_zs, as in dense_row
   int code = 0;
   double p_sum = 0;
   int64_t i = 0;
@@ -89,7 +89,7 @@ C10_ALWAYS_INLINE int topk_row(int64_t div, bool grad, const RowParams<acc_t>& P
   acc_t* lq = bl + (k + 1);
   for (int64_t b = 0; b < k; ++b) {
     lp[b] = lpk[b];
-    lq[b] = static_cast<acc_t>(z[idx[b]]) * it - lzs;
+    lq[b] = (static_cast<acc_t>(z[idx[b]]) * it - ms) - log_zs;
   }
   const double p_tail = std::max(0.0, 1.0 - p_sum);
   lp[k] = p_tail > 0 ? static_cast<acc_t>(std::log(p_tail)) : -inf;

@@ -76,12 +76,13 @@ __global__ void __launch_bounds__(kBlock) distill_dense_kernel(
     if (tid == 0) loss[row] = nan;
     return;
   }
-  const acc_t lzs = ms + ::log(zs), lzu = mu + ::log(zu);
+  // (x / T - max) - log(sum), as on the CPU: rounding max + log(sum) would shift every log-prob by an ulp of |max|.
+  const acc_t lzs = ::log(zs), lzu = ::log(zu);
   const acc_t gs = W ? it * W[row] : it;  // gradient scale: 1/T times the row's weight
   // Pass 2: loss terms (+ forward-KL gradient).
   acc_t L = 0, K = 0;
   for (int64_t j = tid; j < V; j += kBlock) {
-    const acc_t lq = static_cast<acc_t>(z[j]) * it - lzs, lp = static_cast<acc_t>(t[j]) * it - lzu;
+    const acc_t lq = (static_cast<acc_t>(z[j]) * it - ms) - lzs, lp = (static_cast<acc_t>(t[j]) * it - mu) - lzu;
     const acc_t q = fast_exp(lq), p = fast_exp(lp);
     acc_t kt = 0, lm = 0;
     L += divergence_term<acc_t>(DIV, p, q, lp, lq, P.beta, P.log_beta, P.log_1mbeta, kt, lm);
@@ -95,7 +96,7 @@ __global__ void __launch_bounds__(kBlock) distill_dense_kernel(
   // Pass 3: gradient with the row scalar (L for reverse KL, K = KL(q||m) for JSD).
   const acc_t rs = DIV == kJSD ? K : L;
   for (int64_t j = tid; j < V; j += kBlock) {
-    const acc_t lq = static_cast<acc_t>(z[j]) * it - lzs, lp = static_cast<acc_t>(t[j]) * it - lzu;
+    const acc_t lq = (static_cast<acc_t>(z[j]) * it - ms) - lzs, lp = (static_cast<acc_t>(t[j]) * it - mu) - lzu;
     const acc_t q = fast_exp(lq), p = fast_exp(lp);
     acc_t kt = 0, lm = 0;
     if (DIV == kJSD) divergence_term<acc_t>(DIV, p, q, lp, lq, P.beta, P.log_beta, P.log_1mbeta, kt, lm);

@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kBlock) distill_topk_kernel(
     if (tid == 0) loss[row] = nan;
     return;
   }
-  const acc_t lzs = ms + ::log(zs);
+  const acc_t lzs = ::log(zs);  // log q_j = (z_j / T - ms) - lzs, as in the dense kernel
   // Student mass outside the listed entries as its own log-sum-exp (max mt, sum tail of exp(a - mt)):
   // summed relative to the row's max it underflows to 0 when the tail lies ~90 nats below it, and a
   // forward KL against a teacher that puts mass there would turn inf instead of large.
@@ -118,12 +118,12 @@ __global__ void __launch_bounds__(kBlock) distill_topk_kernel(
   const bool has_tail = k < V;
   const double p_tail = psum < 1.0 ? 1.0 - psum : 0.0;
   const acc_t lp_tail = p_tail > 0 ? static_cast<acc_t>(::log(p_tail)) : -inf;
-  const acc_t lq_tail = tail > 0 ? mt + ::log(tail) - lzs : -inf;
+  const acc_t lq_tail = tail > 0 ? ((mt - ms) + ::log(tail)) - lzs : -inf;
   // Bucket terms.
   acc_t L = 0, K = 0;
   for (int64_t i = tid; i < k; i += kBlock) {
     acc_t kt = 0, lm = 0;
-    L += bucket_term(P, lpk[i], static_cast<acc_t>(z[idx[i]]) * it - lzs, kt, lm);
+    L += bucket_term(P, lpk[i], (static_cast<acc_t>(z[idx[i]]) * it - ms) - lzs, kt, lm);
     K += kt;
   }
   if (has_tail && tid == 0) {
@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(kBlock) distill_topk_kernel(
     if (!(bitmap[j / 32] & (1u << (j % 32))))
       g[j] = static_cast<scalar_t>(gt * fast_exp(static_cast<acc_t>(z[j]) * it - mt));
   for (int64_t i = tid; i < k; i += kBlock)
-    g[idx[i]] = static_cast<scalar_t>(bucket_grad(P, lpk[i], static_cast<acc_t>(z[idx[i]]) * it - lzs, rs));
+    g[idx[i]] = static_cast<scalar_t>(bucket_grad(P, lpk[i], (static_cast<acc_t>(z[idx[i]]) * it - ms) - lzs, rs));
 }
 
 }  // namespace
