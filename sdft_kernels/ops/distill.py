@@ -139,8 +139,13 @@ def _backward_dense(ctx, grad_loss, _grad_unused):
         if _plain_eager(grad) and grad.dtype != torch.float64 and torch.equal(grad_loss, row_weight):
             ctx.used = True
             return grad, None, None, None, None, None, None, None
-        safe = torch.where(row_weight != 0, row_weight, torch.ones_like(row_weight))
-        grad_loss = torch.where(row_weight != 0, grad_loss / safe, torch.zeros_like(grad_loss))
+        nz = row_weight != 0
+        safe = torch.where(nz, row_weight, torch.ones_like(row_weight))
+        ratio = grad_loss / safe
+        # Rows of weight 0 hold a zero gradient, so any factor will do for them: where the others share
+        # one (a scaled scalar loss, float16's normalised weights) it is a scalar multiply, no N x 1 operand.
+        fill = ratio[nz][:1] if _plain_eager(grad) and bool(nz.any()) else torch.zeros_like(ratio[:1])
+        grad_loss = torch.where(nz, ratio, fill)
     return scale_saved_grad(ctx, grad, grad_loss), None, None, None, None, None, None, None
 
 
@@ -234,6 +239,18 @@ def row_weights(valid, reduction, batch, temperature, scale_by_t2, dtype):
     return w * (temperature * temperature) if scale_by_t2 else w
 
 
+def kernel_row_weights(row_w, dtype):
+    """(weights the kernel folds into the gradient it writes, the factor backward multiplies in).
+
+    float16 gets the weights divided by their largest value (1 for "mean"): a gradient pre-scaled by
+    1 / N in forward underflows float16 before a loss scale (GradScaler) can reach it in backward, which
+    then multiplies the factor in, in float32. Other dtypes have exponent range enough: weights as given."""
+    if row_w is None or dtype != torch.float16:
+        return row_w, None
+    top = row_w.max().clamp_min(torch.finfo(row_w.dtype).tiny)
+    return row_w / top, top
+
+
 def reduce_rows(rows, valid, reduction, batch, temperature, scale_by_t2):
     """rows: per-token losses [...] (0 where not valid); valid: bool [N]."""
     if reduction == "none":
@@ -289,8 +306,9 @@ def distill_loss(student_logits, teacher_logits, *, divergence="forward_kl", bet
     acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     # Scalar reductions are a weighted sum of the rows; the kernel folds the weights into the gradient.
     row_w = None if reduction == "none" else row_weights(valid, reduction, batch, temperature, scale_by_t2, acc)
+    kernel_w, _ = kernel_row_weights(row_w, student_logits.dtype)  # backward finds the factor as loss grad / w
     rows, _ = torch.ops.sdft_kernels.distill_dense(
-        student_logits.reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab), valid, row_w,
+        student_logits.reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab), valid, kernel_w,
         DIVERGENCES[divergence], float(beta), float(temperature), compute_grad)
     _report_bad_rows(rows, "student_logits or teacher_logits")
     if row_w is not None:

@@ -20,7 +20,7 @@ import torch
 
 from ..checks import int_at_least
 from .distill import (DIVERGENCES, check_no_func_grad, check_not_reused, check_once_differentiable, check_options,
-                      row_weights, traced, valid_rows)
+                      kernel_row_weights, row_weights, traced, valid_rows)
 
 __all__ = ["fused_linear_distill_loss", "DEFAULT_CHUNK_BYTES"]
 
@@ -100,13 +100,14 @@ class _FusedLinearDistill(torch.autograd.Function):
         div, beta, tau, vocab, chunk, per_row = opts
         want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], sb is not None and ctx.needs_input_grad[2])
         any_grad = any(want)
-        ctx.opts, ctx.want, ctx.used = opts, want, False
+        ctx.opts, ctx.want, ctx.used, ctx.unit = opts, want, False, None
         ctx.dtypes = (sh.dtype, sw.dtype, None if sb is None else sb.dtype)
         if per_row or not any_grad:  # reduction="none": gradients are computed in backward
             rows, *_ = _chunks(sh, sw, sb, th, tw, tb, valid, None, div, beta, tau, vocab, chunk, want)
             ctx.save_for_backward(sh, sw, sb, th, tw, tb, valid)
             return rows if per_row else (rows * row_w).sum()
-        rows, gh, gw, gb = _chunks(sh, sw, sb, th, tw, tb, valid, row_w, div, beta, tau, vocab, chunk, want)
+        kernel_w, ctx.unit = kernel_row_weights(row_w, sh.dtype)  # float16: backward multiplies ctx.unit in
+        rows, gh, gw, gb = _chunks(sh, sw, sb, th, tw, tb, valid, kernel_w, div, beta, tau, vocab, chunk, want)
         ctx.save_for_backward(gh, gw, gb)
         return (rows * row_w).sum()
 
@@ -120,7 +121,7 @@ class _FusedLinearDistill(torch.autograd.Function):
             scale = None
         else:
             gh, gw, gb = ctx.saved_tensors
-            scale = grad_out
+            scale = grad_out if ctx.unit is None else grad_out * ctx.unit
         check_once_differentiable(grad_out, "fused_linear_distill_loss")
         # Eager, not float64: the accumulated buffers (ours alone) are scaled in place, or returned as they
         # are for loss.backward()'s incoming 1 (read on CPU only, where it costs no sync): a fresh copy of
@@ -130,7 +131,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         if in_place:
             check_not_reused(ctx)
             ctx.used = True
-            if grad_out.device.type == "cpu" and float(grad_out) == 1.0:
+            if scale.device.type == "cpu" and float(scale) == 1.0:
                 scale = None
         out = []
         for t, dtype in zip((gh, gw, gb), ctx.dtypes):
