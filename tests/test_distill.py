@@ -323,7 +323,7 @@ def test_float32_loss_keeps_precision_at_large_logits(device, scale, offset, tem
     assert abs(got - want) <= 1e-6 * abs(want), (got, want)
 
 
-def test_torch_func_grad_is_refused_by_name_and_vmap_works():
+def test_torch_func_and_forward_ad_are_refused_by_name_and_vmap_works():
     s, t = _inputs((3, 4, 10))
     _bad(lambda: torch.func.grad(lambda x: distill_loss(x, t[0]))(s[0]), "student_logits: torch.func")
     lp, idx = t[0].log_softmax(-1).topk(3, dim=-1)
@@ -331,6 +331,13 @@ def test_torch_func_grad_is_refused_by_name_and_vmap_works():
     w = torch.randn(10, 5)
     _bad(lambda: torch.func.grad(lambda h: fused_linear_distill_loss(h, w, h.detach(), w))(torch.randn(4, 5)),
          "student_hidden: torch.func")
+    fw = torch.autograd.forward_ad
+    with fw.dual_level():  # forward-mode AD got a silent zero tangent
+        dual = fw.make_dual(s[0], torch.ones_like(s[0]))
+        _bad(lambda: distill_loss(dual, t[0]), "student_logits: forward-mode AD")
+        _bad(lambda: distill_loss_topk(dual, lp, idx), "student_logits: forward-mode AD")
+        h = fw.make_dual(torch.randn(4, 5), torch.ones(4, 5))
+        _bad(lambda: fused_linear_distill_loss(h, w, torch.randn(4, 5), w), "student_hidden: forward-mode AD")
     got = torch.vmap(lambda a, b: distill_loss(a, b, divergence="jsd"))(s, t)  # forward: per-sample fallback
     assert torch.allclose(got, torch.stack([distill_loss(a, b, divergence="jsd") for a, b in zip(s, t)]))
 

@@ -79,6 +79,17 @@ def test_float16_mean_under_loss_scaling_as_accurate_as_plain_pytorch():
     assert all(o <= 1.3 * t for o, t in zip(errs["ours"], errs["torch"])), errs
 
 
+def test_shared_prefix_checks_labels_against_the_student_vocabulary():
+    x = _inputs(n=4, v=9)
+    x["teacher_weight"] = x["teacher_weight"][:6]
+    x["teacher_bias"] = x["teacher_bias"][:6]
+    labels = torch.tensor([8, 7, -100, 0])  # student tokens past the shared prefix are valid labels
+    got = fused_linear_distill_loss(**x, vocab_alignment="shared_prefix", labels=labels)
+    assert got == fused_linear_distill_loss(**x, vocab_alignment="shared_prefix", mask=labels != -100)
+    with pytest.raises(ValueError, match="labels"):
+        fused_linear_distill_loss(**x, vocab_alignment="shared_prefix", labels=torch.tensor([9, 0, 0, 0]))
+
+
 def test_shared_prefix_and_leading_dims():
     x = _inputs(v=50, vt=43)
     with pytest.raises(ValueError, match="vocab_alignment"):
@@ -127,6 +138,8 @@ def test_bad_inputs():
         (dict(chunk_size=0), "chunk_size"),
         (dict(vocab_alignment="pad"), "vocab_alignment"),
         (dict(temperature=-2.0), "temperature"),
+        (dict(student_hidden=x["student_hidden"][0, 0]), "student_hidden"),  # 0-d: no IndexError
+        (dict(student_weight=x["student_weight"][:0], student_bias=None), "student_weight"),  # V = 0
     ]:
         with pytest.raises((ValueError, TypeError), match=match):
             fused_linear_distill_loss(**{**x, **change})
@@ -187,6 +200,10 @@ def test_backward_twice_and_double_backward_are_refused_clearly():
     loss = fused_linear_distill_loss(h, x["student_weight"], x["teacher_hidden"], x["teacher_weight"])
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(loss, h, create_graph=True)
+    rows = fused_linear_distill_loss(h, x["student_weight"], x["teacher_hidden"], x["teacher_weight"],
+                                     reduction="none")  # recomputes in backward: refused before that
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(rows.sum(), h, create_graph=True)
     x64 = _inputs(n=6, hs=8, ht=8, v=9)  # float64 (the gradcheck dtype) may go back several times
     h64 = x64["student_hidden"].requires_grad_()
     loss = fused_linear_distill_loss(h64, x64["student_weight"], x64["teacher_hidden"], x64["teacher_weight"])

@@ -15,13 +15,15 @@ logits' dtype; the gradient is produced by the forward kernel in the logits' dty
 scales it (in place in eager mode, so the extra memory is one gradient buffer; backward therefore runs
 once per forward: retain_graph=True is refused with a clear error, except for float64). Double backward
 (create_graph=True) is refused too: the kernel gives first derivatives only. torch.func's grad, jacrev
-and jvp are refused by name (use torch.autograd.grad); torch.vmap of the forward works.
+and jvp, and forward-mode dual tensors, are refused by name (use torch.autograd.grad); torch.vmap of the
+forward works.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 __all__ = ["distill_loss", "distill_loss_topk", "DIVERGENCES", "REDUCTIONS"]
 
@@ -173,15 +175,22 @@ def _check_logits(name, x):
         raise ValueError(f"{name}: expected shape [..., V] with V >= 1, got {tuple(x.shape)}")
 
 
-def check_no_func_grad(name, t):
-    """torch.func's differentiating transforms (grad, jacrev, jvp, ...) need autograd.Functions with
-    setup_context, which the autograd of ops registered by torch.library.register_autograd lacks; PyTorch's
-    own error would not say which call is at fault. (vmap of the forward works, one sample at a time.)"""
-    if torch.compiler.is_compiling():  # dynamo cannot trace the check (a pybind builtin)
+def check_reverse_mode_only(name, t):
+    """The kernels give reverse-mode gradients through loss.backward() / torch.autograd.grad only. torch.func's
+    differentiating transforms (grad, jacrev, jvp, ...) need autograd.Functions with setup_context, which
+    ops registered by torch.library.register_autograd lack (PyTorch's own error does not say which call
+    is at fault), and forward-mode AD (dual tensors) would silently get a zero tangent. vmap of the
+    forward works, one sample at a time."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace the checks (pybind builtins)
         return
-    if isinstance(t, torch.Tensor) and torch._C._functorch.is_gradtrackingtensor(t):
+    if not isinstance(t, torch.Tensor):
+        return
+    if torch._C._functorch.is_gradtrackingtensor(t):
         raise RuntimeError(f"{name}: torch.func transforms that differentiate (grad, jacrev, jvp, ...) are not "
                            "supported by the fused kernels; use torch.autograd.grad or loss.backward()")
+    if fwAD._current_level >= 0 and fwAD.unpack_dual(t).tangent is not None:
+        raise RuntimeError(f"{name}: forward-mode AD (a dual tensor) is not supported by the fused kernels; "
+                           "use reverse mode (loss.backward() or torch.autograd.grad)")
 
 
 def check_options(divergence, beta, temperature, reduction):
@@ -288,7 +297,7 @@ def distill_loss(student_logits, teacher_logits, *, divergence="forward_kl", bet
     """
     _check_logits("student_logits", student_logits)
     _check_logits("teacher_logits", teacher_logits)
-    check_no_func_grad("student_logits", student_logits)
+    check_reverse_mode_only("student_logits", student_logits)
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"teacher_logits: expected shape {tuple(student_logits.shape)} like student_logits, "
                          f"got {tuple(teacher_logits.shape)}")
@@ -333,7 +342,7 @@ def distill_loss_topk(student_logits, teacher_topk_logprobs, teacher_topk_indice
     """
     _check_logits("student_logits", student_logits)
     _check_logits("teacher_topk_logprobs", teacher_topk_logprobs)
-    check_no_func_grad("student_logits", student_logits)
+    check_reverse_mode_only("student_logits", student_logits)
     idx = teacher_topk_indices
     if not isinstance(idx, torch.Tensor) or idx.dtype.is_floating_point or idx.dtype == torch.bool:
         raise TypeError("teacher_topk_indices: expected an integer tensor")

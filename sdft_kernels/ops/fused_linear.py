@@ -19,7 +19,7 @@ import re
 import torch
 
 from ..checks import int_at_least
-from .distill import (DIVERGENCES, check_no_func_grad, check_not_reused, check_once_differentiable, check_options,
+from .distill import (DIVERGENCES, check_reverse_mode_only, check_not_reused, check_once_differentiable, check_options,
                       kernel_row_weights, row_weights, traced, valid_rows)
 
 __all__ = ["fused_linear_distill_loss", "DEFAULT_CHUNK_BYTES"]
@@ -114,6 +114,7 @@ class _FusedLinearDistill(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         div, beta, tau, vocab, chunk, per_row = ctx.opts
+        check_once_differentiable(grad_out, "fused_linear_distill_loss")  # before any work (and its errors)
         if per_row:  # recompute the chunks with the incoming per-token gradient as row weights
             sh, sw, sb, th, tw, tb, valid = ctx.saved_tensors
             row_w = grad_out.reshape(-1).to(torch.float64 if sh.dtype == torch.float64 else torch.float32)
@@ -122,7 +123,6 @@ class _FusedLinearDistill(torch.autograd.Function):
         else:
             gh, gw, gb = ctx.saved_tensors
             scale = grad_out if ctx.unit is None else grad_out * ctx.unit
-        check_once_differentiable(grad_out, "fused_linear_distill_loss")
         # Eager, not float64: the accumulated buffers (ours alone) are scaled in place, or returned as they
         # are for loss.backward()'s incoming 1 (read on CPU only, where it costs no sync): a fresh copy of
         # the V x H weight gradient took 50 ms at V=32000, H=512 on CPU. As for distill_loss, a second
@@ -167,8 +167,11 @@ def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, te
             raise TypeError(f"{name}: expected a floating-point tensor")
         if t.device != student_hidden.device:
             raise ValueError(f"{name}: expected a tensor on {student_hidden.device}, got one on {t.device}")
-        check_no_func_grad(name, t)
-    if student_hidden.dim() < 1 or student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[-1]:
+        check_reverse_mode_only(name, t)
+    for name, t in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
+        if t.dim() < 1 or t.shape[-1] < 1:
+            raise ValueError(f"{name}: expected shape [..., H] with H >= 1, got {tuple(t.shape)}")
+    if student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[-1]:
         raise ValueError(f"student_weight: expected shape [V, {student_hidden.shape[-1]}] (student_hidden is "
                          f"{tuple(student_hidden.shape)}), got {tuple(student_weight.shape)}")
     if teacher_weight.dim() != 2 or teacher_weight.shape[1] != teacher_hidden.shape[-1]:
@@ -184,6 +187,9 @@ def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, te
         raise TypeError(f"teacher_hidden/teacher_weight: expected dtype {student_hidden.dtype} like "
                         f"student_hidden, got {teacher_hidden.dtype}/{teacher_weight.dtype}")
     v_s, v_t = student_weight.shape[0], teacher_weight.shape[0]
+    for name, v in (("student_weight", v_s), ("teacher_weight", v_t)):
+        if v < 1:
+            raise ValueError(f"{name}: expected at least one vocabulary row, got shape [{v}, ...]")
     for name, b, v in (("student_bias", student_bias, v_s), ("teacher_bias", teacher_bias, v_t)):
         if b is not None and (tuple(b.shape) != (v,) or b.dtype != student_hidden.dtype):
             raise ValueError(f"{name}: expected shape ({v},) and dtype {student_hidden.dtype}, "
@@ -196,7 +202,8 @@ def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, te
     check_options(divergence, beta, temperature, reduction)
     vocab = min(v_s, v_t)
     lead = tuple(student_hidden.shape[:-1])
-    valid = valid_rows(lead, vocab, student_hidden.device, labels, ignore_index, mask)
+    # labels are the student's tokens: in range of its vocabulary, also where only a shared prefix is compared
+    valid = valid_rows(lead, v_s, student_hidden.device, labels, ignore_index, mask)
     sh = student_hidden.reshape(-1, student_hidden.shape[-1])
     th = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
     n = sh.shape[0]
