@@ -43,8 +43,10 @@ TORCH_LIBRARY(sdft_kernels, m) {
   // HSIC = <U(K),U(L)>/(b(b-3))); upper=True: only the upper triangles are valid on input (read
   // mirrored); on output the matrices are full.
   m.def("cka_ucentre_(Tensor(a!) gram, bool upper=False) -> ()");
-  // Tiled kernel-HSIC statistics of x [n, d], y [n, e]: (sums [3], row sums [2, n], diagonals [2, n]);
-  // shift_x [d] / shift_y [e] are subtracted from every row first (the column means; no copy on CPU).
+  // Tiled kernel-HSIC statistics of x [n, d], y [n, e]: (sums [3], row sums [2, n], diagonals [2, n]),
+  // sums and row sums without the diagonal; shift_x [d] / shift_y [e] are subtracted from every row first
+  // (the column means; no copy on CPU); minus_one_x / _y: an RBF Gram formed as K - 1 (expm1).
   m.def("kernel_hsic_stats(Tensor x, Tensor y, int kernel, float gamma_x, float gamma_y, int tile, "
-        "Tensor? shift_x=None, Tensor? shift_y=None) -> (Tensor, Tensor, Tensor)");
+        "Tensor? shift_x=None, Tensor? shift_y=None, bool minus_one_x=False, bool minus_one_y=False) "
+        "-> (Tensor, Tensor, Tensor)");
 }

@@ -654,20 +654,26 @@ class MinibatchCKA:
 
 
 # ----------------------------------------------------------------------------- long-sequence kernel HSIC
-def _median_sigma(x: torch.Tensor, pilot: int = 1024, seed: int = 0) -> float:
-    """Median pairwise Euclidean distance on a fixed pilot subsample (numpy default_rng(seed), the same
-    rows as sdft_kernels.reference.cka.median_sigma)."""
+def _median_d2(x: torch.Tensor, pilot: int = 1024, seed: int = 0) -> float:
+    """Median pairwise squared Euclidean distance on a fixed pilot subsample (numpy default_rng(seed), the
+    same rows as sdft_kernels.reference.cka.median_sigma); 0 for fewer than 2 tokens."""
     n = x.shape[0]
     if n > pilot:
         idx = np.sort(np.random.default_rng(seed).choice(n, size=pilot, replace=False))
         x = x[torch.from_numpy(idx).to(x.device)]
-    x = x.double()
+    x = x.detach().double()
     sq = (x * x).sum(1)
     d2 = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp_min(0)
     iu = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
     # NumPy's median convention (mean of the two middle values; torch's median takes the lower one)
     vals = d2[iu[0], iu[1]].cpu().numpy()
-    sigma = float(np.sqrt(np.median(vals))) if vals.size else 0.0
+    return float(np.median(vals)) if vals.size else 0.0
+
+
+def _median_sigma(x: torch.Tensor, med_d2: float | None = None) -> float:
+    """The median heuristic's RBF bandwidth: the median pairwise distance on the pilot subsample (its
+    squared value med_d2 when already known)."""
+    sigma = math.sqrt(_median_d2(x) if med_d2 is None else med_d2)
     if not sigma > 0:
         raise ValueError("sigma: the median heuristic found a zero median distance (constant features); "
                          "pass sigma explicitly")
@@ -684,7 +690,7 @@ def _exact_mean(x, s, rows=16384):
     return (s.double() + r / max(x.shape[0], 1)).to(x.dtype)
 
 
-def _kernel_inputs(x, y, kernel, sigma, tile, mask):
+def _kernel_inputs(x, y, kernel, sigma, tile, mask, unbiased):
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"{name}: expected a [n, d] tensor, got "
@@ -696,37 +702,43 @@ def _kernel_inputs(x, y, kernel, sigma, tile, mask):
     if kernel not in _k.KERNELS:
         raise ValueError(f"kernel: expected 'linear' or 'rbf', got {kernel!r}")
     tile = None if tile is None else int_at_least(tile, "tile", minimum=1)
-    fx, fy, n, (mx, my) = _prepare([x], [y], mask, 0, names=("x", "y"))
+    fx, fy, n, (mx, my) = _prepare([x.detach()], [y.detach()], mask, 0, names=("x", "y"))
     x, y = fx[0], fy[0]
+    need = 3 if unbiased else 1
+    if n <= need:
+        raise ValueError(f"x: the {'unbiased' if unbiased else 'biased'} HSIC needs more than {need} tokens, got {n}")
     sig = tuple(sigma) if isinstance(sigma, (tuple, list)) else (sigma, sigma)
     if len(sig) != 2:
         raise ValueError(f"sigma: expected a float, None or a pair (sigma_x, sigma_y), got {sigma!r}")
-    gammas = [0.0, 0.0]
+    gammas, minus_one = [0.0, 0.0], [False, False]
     if kernel == "rbf":
         for i, (s, t) in enumerate(zip(sig, (x, y))):
-            s = _median_sigma(t) if s is None else float(s)
-            gammas[i] = 1.0 / (2.0 * s * s) if math.isfinite(s) and s > 0 else 0.0
+            med = _median_d2(t)
+            s = _median_sigma(t, med) if s is None else float(s)
+            s2 = s * s if math.isfinite(s) and s > 0 else 0.0
+            gammas[i] = 0.5 / s2 if 0 < s2 < math.inf else 0.0
             if not gammas[i] > 0:
                 raise ValueError(f"sigma: expected a positive, finite RBF bandwidth (with 1 / (2 sigma^2) > 0), "
                                  f"got {s}")
+            # Most kernel values near 1 (median above 1/2, as under the median heuristic's exp(-1/2)): the
+            # Gram is formed as K - 1, whose digits survive where 1 - eps rounds them away (HSIC is the same).
+            minus_one[i] = gammas[i] * med < math.log(2.0)
     mx, my = _exact_mean(x, mx), _exact_mean(y, my)
     # Centred by the op (float64 means rounded to the working dtype, subtracted tile by tile): exact for
     # both kernels' HSIC, and keeps dot products / distances well conditioned in float32 for activations
     # with large means, without a centred copy of x and y.
-    return x.contiguous(), y.contiguous(), mx.to(x.dtype), my.to(y.dtype), n, gammas, (tile or 256)
+    return x.contiguous(), y.contiguous(), mx.to(x.dtype), my.to(y.dtype), n, gammas, minus_one, (tile or 256)
 
 
 def _kernel_stats(x, y, kernel, sigma, unbiased, tile, mask):
-    x, y, sx, sy, n, (gx, gy), tile = _kernel_inputs(x, y, kernel, sigma, tile, mask)
-    need = 3 if unbiased else 1
-    if n <= need:
-        raise ValueError(f"x: the {'unbiased' if unbiased else 'biased'} HSIC needs more than {need} tokens, got {n}")
+    x, y, sx, sy, n, (gx, gy), (m1x, m1y), tile = _kernel_inputs(x, y, kernel, sigma, tile, mask, unbiased)
     with torch.no_grad(), _no_tf32(x.device):
-        sums, rows, diag = _k.kernel_hsic_stats(x, y, kernel, gx, gy, tile, sx, sy)
+        sums, rows, diag = _k.kernel_hsic_stats(x, y, kernel, gx, gy, tile, sx, sy, m1x, m1y)
     sums, rows, diag = sums.cpu(), rows.cpu(), diag.cpu()
-    if unbiased:  # zero the diagonals: K~ = K - diag(K)
-        rows = rows - diag
-        sums = sums - torch.stack([(diag[0] * diag[1]).sum(), (diag[0] ** 2).sum(), (diag[1] ** 2).sum()])
+    # The op leaves the diagonals out: that is the unbiased estimator's K~; the biased one adds them back.
+    if not unbiased:
+        rows = rows + diag
+        sums = sums + torch.stack([(diag[0] * diag[1]).sum(), (diag[0] ** 2).sum(), (diag[1] ** 2).sum()])
     rk, rl = rows[0], rows[1]
     sk, sl = rk.sum(), rl.sum()
     f = _hsic_u if unbiased else _hsic_b

@@ -31,14 +31,47 @@ def test_tiled_equals_dense_for_every_tile_size(kernel, unbiased):
         assert abs(c - ref_c) < 1e-12, (tile, c, ref_c)
 
 
-def test_stats_op_matches_dense_grams():
+@pytest.mark.parametrize("m1x,m1y", [(False, False), (True, False), (False, True)])
+def test_stats_op_matches_dense_grams(m1x, m1y):
+    # sums and row sums leave the diagonal out; minus_one forms the RBF Gram as K - 1
     x, y = _pair(n=37)
-    sums, rows, diag = kernel_hsic_stats(x, y, "rbf", 0.1, 0.3, 10)
-    k, l = R.gram_rbf(x, math.sqrt(5.0)), R.gram_rbf(y, math.sqrt(1 / 0.6))
+    sums, rows, diag = kernel_hsic_stats(x, y, "rbf", 0.1, 0.3, 10, None, None, m1x, m1y)
+    k, l = R.gram_rbf(x, math.sqrt(5.0)) - m1x, R.gram_rbf(y, math.sqrt(1 / 0.6)) - m1y
+    dk, dl = np.diag(k).copy(), np.diag(l).copy()
+    np.fill_diagonal(k, 0)
+    np.fill_diagonal(l, 0)
     np.testing.assert_allclose(sums.numpy(), [(k * l).sum(), (k * k).sum(), (l * l).sum()], rtol=1e-12)
-    np.testing.assert_allclose(rows.numpy(), np.stack([k.sum(1), l.sum(1)]), rtol=1e-12)
-    np.testing.assert_allclose(diag.numpy(), np.stack([np.diag(k), np.diag(l)]), rtol=1e-12)
-    torch.library.opcheck(torch.ops.sdft_kernels.kernel_hsic_stats.default, (x, y, 1, 0.1, 0.3, 10))
+    np.testing.assert_allclose(rows.numpy(), np.stack([k.sum(1), l.sum(1)]), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(diag.numpy(), np.stack([dk, dl]), rtol=1e-12)
+    torch.library.opcheck(torch.ops.sdft_kernels.kernel_hsic_stats.default, (x, y, 1, 0.1, 0.3, 10, None, None,
+                                                                             m1x, m1y))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_rbf_keeps_precision_at_extreme_bandwidths(dtype, unbiased):
+    # Bandwidth 16x the median distance: kernel values 1 - ~2e-3, whose small differences are the HSIC
+    # (float32 row partials of K lost them: 9% off). 0.1x: off-diagonal values ~1e-14 beside a diagonal
+    # of 1 (subtracting the diagonal from sums that held it gave NaN). The reference: dense float64 Grams, as
+    # K - 1 (expm1) at the large bandwidth (HSIC is shift invariant; exp's K itself is 4e-9 off there).
+    def cka_ref(a, b, sigma, minus_one):
+        grams = [R.gram_rbf(t, s) for t, s in zip((a, b), sigma)]
+        if minus_one:
+            grams = [np.expm1(np.log(k)) for k in grams]  # log(exp(-u)) = -u exactly enough here
+        f = R.hsic_unbiased if unbiased else R.hsic_biased
+        k, l = grams
+        return f(k, l) / math.sqrt(f(k, k) * f(l, l))
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(400, 64, generator=g, dtype=torch.float64)
+    y = torch.tanh(x @ torch.randn(64, 32, generator=g, dtype=torch.float64)) + 0.5 * torch.randn(
+        400, 32, generator=g, dtype=torch.float64)
+    xs, ys = x.to(dtype), y.to(dtype)
+    for f in (16.0, 0.1):
+        sigma = (f * R.median_sigma(xs.double()), f * R.median_sigma(ys.double()))
+        want = cka_ref(xs.double(), ys.double(), sigma, minus_one=f > 1)
+        got = kernel_cka(xs, ys, "rbf", sigma=sigma, unbiased=unbiased)
+        assert abs(got - want) <= (1e-5 if dtype == torch.float32 else 1e-10) * abs(want), (f, got, want)
 
 
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
@@ -110,11 +143,22 @@ def test_bad_inputs():
             kernel_hsic(x, y, "rbf", sigma=sigma)
     with pytest.raises(ValueError, match=r"^x: .*NaN"):  # named as the argument, not as a layer list
         kernel_hsic(torch.full_like(x, float("nan")), y)
-    with pytest.raises(ValueError, match="overflow"):
-        kernel_hsic(x.float() * 1e12, y.float())
+    with pytest.raises(ValueError, match="overflow"):  # float32 dot products past 3.4e38
+        kernel_hsic(x.float() * 1e20, y.float())
+    # ... while their squares (1e48 at 1e12) are summed in float64: no overflow, and CKA is scale invariant
+    assert abs(kernel_cka(x.float() * 1e12, y.float()) - kernel_cka(x, y)) < 1e-6
     # a constant feature set centres exactly: zero self-HSIC, CKA undefined (NaN), not a finite number
     for unbiased in (False, True):
         assert math.isnan(kernel_cka(torch.full((300, 4), 0.1), torch.randn(300, 3), unbiased=unbiased))
+        # the RBF Gram of constant features is K - 1 = 0 exactly (unbiased gave 0.05 in float32)
+        c = torch.full((1000, 4), 0.1)
+        assert math.isnan(kernel_cka(c, torch.randn(1000, 3), "rbf", sigma=1.0, unbiased=unbiased))
+    with pytest.raises(ValueError, match="sigma"):  # 1 / (2 sigma^2) overflows: ValueError, not ZeroDivision
+        kernel_hsic(x, y, "rbf", sigma=1e-200)
+    with pytest.raises(ValueError, match="more than 1 tokens, got 0"):  # not "zero median distance"
+        kernel_hsic(x, y, "rbf", mask=torch.zeros(x.shape[0], dtype=torch.bool))
+    w = torch.randn(x.shape[1], 3, dtype=x.dtype, requires_grad=True)  # activations with autograd history
+    assert abs(kernel_cka(x @ w, y, "rbf") - kernel_cka((x @ w).detach(), y, "rbf")) == 0
     with pytest.raises(ValueError, match=r"\[n, d\]"):
         kernel_hsic(x[None], y)
 

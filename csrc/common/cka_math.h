@@ -46,12 +46,14 @@ C10_HOST_DEVICE inline double hsic_biased(double kl, double rkl, double sk, doub
   return (kl - 2.0 / n * rkl + sk * sl / (n * n)) / ((n - 1.0) * (n - 1.0));
 }
 
-// RBF kernel value from a dot product and the two squared norms; distances that round below zero
-// (nearby points, cancellation) are clamped to zero.
-C10_HOST_DEVICE inline float rbf_from_dot(float dot, float nrm_i, float nrm_j, float neg_gamma) {
-  float d2 = nrm_i + nrm_j - 2.0f * dot;
-  d2 = d2 > 0.0f ? d2 : 0.0f;
-  return ::expf(neg_gamma * d2);
+// RBF kernel value from a dot product and the two squared norms, minus 1 when minus_one (expm1: the
+// digits of values near 1 survive); distances that round below zero (nearby points, cancellation) are
+// clamped to zero.
+template <typename T>
+C10_HOST_DEVICE inline T rbf_from_dot(T dot, T nrm_i, T nrm_j, T neg_gamma, bool minus_one) {
+  T d2 = nrm_i + nrm_j - T(2) * dot;
+  d2 = d2 > T(0) ? d2 : T(0);
+  return minus_one ? ::expm1(neg_gamma * d2) : ::exp(neg_gamma * d2);
 }
 
 }  // namespace sdft::cka

@@ -3,8 +3,12 @@
 // For token tiles I <= J it forms the tiles K_IJ (kernel of x) and L_IJ (kernel of y) on the fly, with a
 // GEMM on the tile for the dot products, and reduces them at once into the sufficient statistics of
 // every HSIC estimator:
-//   sums[0] = sum_ij K_ij L_ij, sums[1] = sum_ij K_ij^2, sums[2] = sum_ij L_ij^2   (diagonal included)
-//   rows[0] = K 1, rows[1] = L 1 (row sums, diagonal included), diag[0] = diag K, diag[1] = diag L.
+//   sums[0] = sum_{i != j} K_ij L_ij, sums[1] = sum_{i != j} K_ij^2, sums[2] = sum_{i != j} L_ij^2
+//   rows[0] = row sums of K without its diagonal, rows[1] likewise for L; diag[0] = diag K, diag[1] = diag L.
+// The diagonal is kept apart so that off-diagonal values far below it (an RBF kernel of small bandwidth,
+// K ~ I) are not lost in sums that it dominates; all sums are float64 from the element up. An RBF Gram
+// whose values lie near 1 (large bandwidth) can be formed as K - 1 with expm1 instead (minus_one): HSIC
+// is unchanged by a constant added to a kernel, and K - 1 keeps the digits that 1 - eps rounds away.
 // The Grams are symmetric, so only tiles with J >= I are formed; an off-diagonal tile counts twice and
 // adds its column sums to tile J's rows. Memory: O(n) per thread for row sums plus two tiles per thread.
 // Work is split over the flat list of tile pairs with at::parallel_for (per-thread accumulators, summed
@@ -59,9 +63,11 @@ struct TileScratch {
         kt(at::empty({tile * tile}, x.options())) {}
 };
 
-// One kernel tile, into s.kt: linear (dot products) or RBF exp(-gamma ||x_i - x_j||^2), from a GEMM.
+// One kernel tile, into s.kt: linear (dot products) or RBF exp(-gamma ||x_i - x_j||^2) (minus 1 when
+// minus_one), from a GEMM.
 at::Tensor kernel_tile(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& nrm, int64_t i0,
-                       int64_t ti, int64_t j0, int64_t tj, int64_t kernel, double gamma, TileScratch& s) {
+                       int64_t ti, int64_t j0, int64_t tj, int64_t kernel, double gamma, bool minus_one,
+                       TileScratch& s) {
   auto xi = shifted_rows(x, shift, i0, ti, s.ri), xj = shifted_rows(x, shift, j0, tj, s.rj);
   auto out = scratch(s.kt, ti, tj);
   if (kernel == 0) return at::mm_out(out, xi, xj.t());
@@ -70,22 +76,31 @@ at::Tensor kernel_tile(const at::Tensor& x, const at::Tensor& shift, const at::T
   out.addmm_(xi, xj.t(), /*beta=*/1, /*alpha=*/-2);
   out.clamp_min_(0);
   if (i0 == j0) out.diagonal().zero_();
-  return out.mul_(-gamma).exp_();
+  out.mul_(-gamma);
+  return minus_one ? out.expm1_() : out.exp_();
 }
 
+// Reduces one pair of tiles (scratch: a diagonal tile's diagonal is moved out into dk / dl and zeroed).
 template <typename scalar_t>
-void reduce_tile(const scalar_t* k, const scalar_t* l, int64_t ti, int64_t tj, bool offdiag, double* sums,
-                 double* rk_i, double* rl_i, double* rk_j, double* rl_j, double* dk, double* dl) {
+void reduce_tile(scalar_t* k, scalar_t* l, int64_t ti, int64_t tj, bool offdiag, double* sums, double* rk_i,
+                 double* rl_i, double* rk_j, double* rl_j, double* dk, double* dl) {
+  if (!offdiag)
+    for (int64_t a = 0; a < ti; ++a) {
+      dk[a] = k[a * tj + a];
+      dl[a] = l[a * tj + a];
+      k[a * tj + a] = l[a * tj + a] = scalar_t(0);
+    }
   std::vector<double> ck(tj, 0.0), cl(tj, 0.0);
   double skl = 0.0, skk = 0.0, sll = 0.0;
   for (int64_t a = 0; a < ti; ++a) {
     const scalar_t* ka = k + a * tj;
     const scalar_t* la = l + a * tj;
-    // Row partials in the working precision over <= tile elements, then float64 across rows and tiles.
-    scalar_t pkl = 0, pkk = 0, pll = 0, prk = 0, prl = 0;
+    // float64 from the element up: float32 row partials of kernel values near 1 lost the small
+    // differences that HSIC is made of (9% off at a bandwidth 16x the median distance).
+    double pkl = 0, pkk = 0, pll = 0, prk = 0, prl = 0;
 #pragma omp simd reduction(+ : pkl, pkk, pll, prk, prl)
     for (int64_t b = 0; b < tj; ++b) {
-      const scalar_t kv = ka[b], lv = la[b];
+      const double kv = ka[b], lv = la[b];
       pkl += kv * lv;
       pkk += kv * kv;
       pll += lv * lv;
@@ -97,15 +112,11 @@ void reduce_tile(const scalar_t* k, const scalar_t* l, int64_t ti, int64_t tj, b
     sll += pll;
     rk_i[a] += prk;
     rl_i[a] += prl;
-    if (offdiag) {
+    if (offdiag)
       for (int64_t b = 0; b < tj; ++b) {
         ck[b] += ka[b];
         cl[b] += la[b];
       }
-    } else {
-      dk[a] = ka[a];
-      dl[a] = la[a];
-    }
   }
   const double f = offdiag ? 2.0 : 1.0;  // the mirrored tile J, I has the same sums
   sums[0] += f * skl;
@@ -144,13 +155,15 @@ void check_shift(const std::optional<at::Tensor>& s, const at::Tensor& x, const 
 // x: n x d, y: n x e (float32 or float64, same dtype, rows = tokens); shift_x [d], shift_y [e]: subtracted
 // from every row tile by tile (the column means: HSIC is unchanged, and float32 dot products and
 // distances of activations with large means stay well conditioned, without a centred copy of x and y);
-// kernel: 0 = linear, 1 = RBF with gamma_x = 1 / (2 sigma_x^2), gamma_y likewise; tile: tokens per tile.
-// Returns (sums [3], rows [2, n], diag [2, n]), all float64.
+// kernel: 0 = linear, 1 = RBF with gamma_x = 1 / (2 sigma_x^2), gamma_y likewise; minus_one_x / _y: the
+// RBF Gram of x / y as K - 1; tile: tokens per tile. Returns (sums [3], rows [2, n], diag [2, n]), all
+// float64, sums and rows without the diagonal.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_hsic_stats_cpu(const at::Tensor& x, const at::Tensor& y,
                                                                      int64_t kernel, double gamma_x,
                                                                      double gamma_y, int64_t tile,
                                                                      const std::optional<at::Tensor>& shift_x,
-                                                                     const std::optional<at::Tensor>& shift_y) {
+                                                                     const std::optional<at::Tensor>& shift_y,
+                                                                     bool minus_one_x, bool minus_one_y) {
   check_dim(x, 2, "x");
   check_dim(y, 2, "y");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
@@ -200,8 +213,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_hsic_stats_cpu(const at::T
       for (int64_t p = lo; p < hi; ++p) {
         const int64_t i0 = pairs[p].first * tile, j0 = pairs[p].second * tile;
         const int64_t ti = std::min(tile, n - i0), tj = std::min(tile, n - j0);
-        auto kt = kernel_tile(xc, sx, nx, i0, ti, j0, tj, kernel, gamma_x, scx);
-        auto lt = kernel_tile(yc, sy, ny, i0, ti, j0, tj, kernel, gamma_y, scy);
+        auto kt = kernel_tile(xc, sx, nx, i0, ti, j0, tj, kernel, gamma_x, minus_one_x, scx);
+        auto lt = kernel_tile(yc, sy, ny, i0, ti, j0, tj, kernel, gamma_y, minus_one_y, scy);
         reduce_tile<scalar_t>(kt.data_ptr<scalar_t>(), lt.data_ptr<scalar_t>(), ti, tj, i0 != j0, sums, rk + i0,
                               rl + i0, rk + j0, rl + j0, diag_p + i0, diag_p + n + i0);
       }

@@ -3,7 +3,8 @@
 // kTile x kTile tokens: the dot products of both tiles (x for K, y for L) are accumulated from
 // kChunk-wide feature slices staged in shared memory (4 x 4 outputs per thread), turned into kernel values
 // (linear or RBF, cka_math.h), and reduced at once into sum K*L, K*K, L*L (float64), row/column sums
-// (shared-memory float64 atomics, then one global atomic per row) and the diagonal.
+// (shared-memory float64 atomics, then one global atomic per row), all without the diagonal, which is
+// written apart (see the CPU twin for why).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/mul.h>
@@ -17,7 +18,6 @@
 
 #include <optional>
 #include <tuple>
-#include <type_traits>
 
 #include "common/checks.h"
 #include "common/cka_math.h"
@@ -28,19 +28,6 @@ namespace {
 constexpr int kTile = 64;   // tokens per tile side
 constexpr int kChunk = 16;  // features staged per shared-memory step
 constexpr int kThreads = 256;  // 16 x 16 threads, each 4 x 4 outputs
-
-// RBF value in the input's precision (the CPU twin forms its tiles in scalar_t): float32 is
-// cka::rbf_from_dot itself, float64 the same formula in double.
-template <typename scalar_t>
-__device__ inline scalar_t rbf_value(scalar_t dot, scalar_t nrm_i, scalar_t nrm_j, scalar_t neg_gamma) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return cka::rbf_from_dot(dot, nrm_i, nrm_j, neg_gamma);
-  } else {
-    scalar_t d2 = nrm_i + nrm_j - scalar_t(2) * dot;
-    d2 = d2 > scalar_t(0) ? d2 : scalar_t(0);
-    return ::exp(neg_gamma * d2);
-  }
-}
 
 // acc[a][b] += x_i . x_j for the thread's 4 x 4 (i, j) outputs over all `d` features, accumulated in
 // scalar_t like the CPU twin's GEMM (float64 inputs keep float64 dot products).
@@ -81,7 +68,7 @@ __global__ void __launch_bounds__(kThreads)
     kernel_hsic_tile_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
                             const scalar_t* __restrict__ nx, const scalar_t* __restrict__ ny, int64_t n,
                             int64_t d, int64_t e, int kernel, scalar_t neg_gx, scalar_t neg_gy,
-                            double* __restrict__ sums,
+                            bool m1x, bool m1y, double* __restrict__ sums,
                             double* __restrict__ rows, double* __restrict__ diag) {
   const int64_t ti = blockIdx.y, tj = blockIdx.x;
   if (tj < ti) return;  // symmetric Grams: the mirrored tile is counted twice below
@@ -107,9 +94,14 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t gj = j0 + tx * 4 + b;
       if (gi >= n || gj >= n) continue;
       scalar_t k = kv[a][b], l = lv[a][b];
-      if (kernel == 1) {  // RBF; the true diagonal is exactly exp(0) = 1
-        k = gi == gj ? scalar_t(1) : rbf_value<scalar_t>(k, nx[gi], nx[gj], neg_gx);
-        l = gi == gj ? scalar_t(1) : rbf_value<scalar_t>(l, ny[gi], ny[gj], neg_gy);
+      if (kernel == 1) {  // RBF (K - 1 when m1x / m1y); the true diagonal is exactly exp(0) = 1
+        k = gi == gj ? scalar_t(m1x ? 0 : 1) : cka::rbf_from_dot<scalar_t>(k, nx[gi], nx[gj], neg_gx, m1x);
+        l = gi == gj ? scalar_t(m1y ? 0 : 1) : cka::rbf_from_dot<scalar_t>(l, ny[gi], ny[gj], neg_gy, m1y);
+      }
+      if (gi == gj) {  // only in diagonal tiles: written apart, left out of every sum
+        diag[gi] = k;
+        diag[n + gi] = l;
+        continue;
       }
       skl += static_cast<double>(k) * l;
       skk += static_cast<double>(k) * k;
@@ -119,9 +111,6 @@ __global__ void __launch_bounds__(kThreads)
       if (offdiag) {
         atomicAdd(&col_k[tx * 4 + b], static_cast<double>(k));
         atomicAdd(&col_l[tx * 4 + b], static_cast<double>(l));
-      } else if (gi == gj) {
-        diag[gi] = k;
-        diag[n + gi] = l;
       }
     }
     atomicAdd(&row_k[ty * 4 + a], rk);
@@ -155,15 +144,16 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace
 
 // x: n x d, y: n x e (float32 or float64, same dtype, column-centred by the wrapper); kernel 0 linear,
-// 1 RBF with gamma = 1/(2 sigma^2); `tile` is the CPU tile and is ignored here (fixed kTile).
-// Returns (sums [3], rows [2, n], diag [2, n]), float64, like kernel_hsic_stats_cpu.
+// 1 RBF with gamma = 1/(2 sigma^2) (K - 1 when minus_one_x / _y); `tile` is the CPU tile and is ignored
+// here (fixed kTile). Returns (sums [3], rows [2, n], diag [2, n]), float64, like kernel_hsic_stats_cpu.
 // shift_x / shift_y: subtracted from the rows first (here as one shifted copy; the CPU kernel does it
 // tile by tile).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_hsic_stats_cuda(const at::Tensor& x, const at::Tensor& y,
                                                                       int64_t kernel, double gamma_x,
                                                                       double gamma_y, int64_t tile,
                                                                       const std::optional<at::Tensor>& shift_x,
-                                                                      const std::optional<at::Tensor>& shift_y) {
+                                                                      const std::optional<at::Tensor>& shift_y,
+                                                                      bool minus_one_x, bool minus_one_y) {
   check_dim(x, 2, "x");
   check_dim(y, 2, "y");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
@@ -198,7 +188,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_hsic_stats_cuda(const at::
     kernel_hsic_tile_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         xc.data_ptr<scalar_t>(), yc.data_ptr<scalar_t>(), nx.data_ptr<scalar_t>(), ny.data_ptr<scalar_t>(), n,
         xc.size(1), yc.size(1), static_cast<int>(kernel), static_cast<scalar_t>(-gamma_x),
-        static_cast<scalar_t>(-gamma_y), sums.data_ptr<double>(), rows.data_ptr<double>(), diag.data_ptr<double>());
+        static_cast<scalar_t>(-gamma_y), minus_one_x, minus_one_y, sums.data_ptr<double>(), rows.data_ptr<double>(),
+        diag.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {sums, rows, diag};

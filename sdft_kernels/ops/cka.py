@@ -28,12 +28,14 @@ def ucentre_(gram: torch.Tensor, upper: bool = False) -> torch.Tensor:
 
 
 def kernel_hsic_stats(x: torch.Tensor, y: torch.Tensor, kernel: str, gamma_x: float, gamma_y: float,
-                      tile: int, shift_x: torch.Tensor | None = None, shift_y: torch.Tensor | None = None):
+                      tile: int, shift_x: torch.Tensor | None = None, shift_y: torch.Tensor | None = None,
+                      minus_one_x: bool = False, minus_one_y: bool = False):
     """(sums [3] = (sum K*L, sum K*K, sum L*L), row sums [2, n], diagonals [2, n]), float64, of the kernel
     Grams of x - shift_x [n, d] and y - shift_y [n, e], computed tile by tile (no n x n matrix; on CPU the
-    shift is applied per tile, so no shifted copy of x or y exists either)."""
+    shift is applied per tile, so no shifted copy of x or y exists either). Sums and row sums leave the
+    diagonal out. minus_one_x / _y: an RBF Gram is formed as K - 1 (expm1; for values near 1)."""
     return _ops.kernel_hsic_stats.default(x, y, KERNELS[kernel], float(gamma_x), float(gamma_y), int(tile),
-                                          shift_x, shift_y)
+                                          shift_x, shift_y, bool(minus_one_x), bool(minus_one_y))
 
 
 @torch.library.register_fake("sdft_kernels::cka_ucentre_")
@@ -42,7 +44,8 @@ def _ucentre_fake(gram, upper=False):
 
 
 @torch.library.register_fake("sdft_kernels::kernel_hsic_stats")
-def _stats_fake(x, y, kernel, gamma_x, gamma_y, tile, shift_x=None, shift_y=None):
+def _stats_fake(x, y, kernel, gamma_x, gamma_y, tile, shift_x=None, shift_y=None, minus_one_x=False,
+                minus_one_y=False):
     n = x.shape[0]
     f64 = dict(dtype=torch.float64, device=x.device)
     return x.new_empty(3, **f64), x.new_empty(2, n, **f64), x.new_empty(2, n, **f64)
