@@ -130,6 +130,17 @@ def _shift(x, s, out=None):
     return u, s.double() + r, r
 
 
+def _check_products_fit(feats, shifts, n, names):
+    """Refuse, before any state changes, a batch whose co-moment products could overflow their dtype
+    (float32 past 3.4e38 merged infinities into the accumulated state for good): an entry of u_a^T u_b
+    sums n products of shifted features, each at most (max|x| + max|shift|)^2. One sync for all layers."""
+    bounds = torch.stack([torch.stack([f.max(), -f.min()]).max() + s.abs().max() for f, s in zip(feats, shifts)])
+    for name, f, b in zip(names, feats, bounds.double().tolist()):
+        if n * b * b > torch.finfo(f.dtype).max / 8:
+            raise ValueError(f"{name}: activations of magnitude {b:.3g} over {n} tokens can overflow the "
+                             f"{f.dtype} co-moment products; pass float64 activations")
+
+
 def _self_moment(u, blocks=8, out=None):
     """(m, upper): u^T u from the upper block triangle of GEMMs only (the result is symmetric): 36/64 of
     a full GEMM's flops with 8 column blocks (4 blocks, 10/16, were 30-40 ms slower over the 96
@@ -260,6 +271,8 @@ class LinearCKA:
         self._resolve(fx, fy)
         if n == 0:
             return self
+        _check_products_fit(fx + fy, means, n, [f"xs[{i}]" for i in range(len(fx))] +
+                            [f"ys[{j}]" for j in range(len(fy))])
         names = [f"x{i}" for i in range(len(fx))] + [f"y{j}" for j in range(len(fy))]
         feats, fmean = dict(zip(names, fx + fy)), dict(zip(names, means))
         layers, moms = self._keys()
@@ -713,7 +726,8 @@ def _kernel_inputs(x, y, kernel, sigma, tile, mask, unbiased):
     gammas, minus_one = [0.0, 0.0], [False, False]
     if kernel == "rbf":
         for i, (s, t) in enumerate(zip(sig, (x, y))):
-            med = _median_d2(t)
+            # (the median heuristic's 1024-token pilot; a given sigma only needs the median's rough size)
+            med = _median_d2(t) if s is None else _median_d2(t, pilot=256)
             s = _median_sigma(t, med) if s is None else float(s)
             s2 = s * s if math.isfinite(s) and s > 0 else 0.0
             gammas[i] = 0.5 / s2 if 0 < s2 < math.inf else 0.0

@@ -317,3 +317,11 @@ def test_float32_overflow_raises_before_any_state_changes():
     with pytest.raises(ValueError, match="overflow"):
         m.update([xs[0].float() * 1e12], [ys[0].float()])
     torch.testing.assert_close(m.compute(), before, rtol=0, atol=0)
+    # LinearCKA merged the infinities of u^T u (~1e40 in float32) into its moments: NaN for good
+    lin = LinearCKA(debiased=True).update([xs[0].float()], [ys[0].float()])
+    before = lin.compute().clone()
+    with pytest.raises(ValueError, match=r"xs\[0\]: .*overflow"):
+        lin.update([xs[0].float() * 3e19], [ys[0].float()])
+    torch.testing.assert_close(lin.compute(), before, rtol=0, atol=0)
+    lin.update([xs[0].double() * 3e19], [ys[0].double()])  # float64 holds them
+    assert bool(torch.isfinite(lin.compute()).all())
