@@ -726,15 +726,17 @@ def _kernel_inputs(x, y, kernel, sigma, tile, mask, unbiased):
     gammas, minus_one = [0.0, 0.0], [False, False]
     if kernel == "rbf":
         for i, (s, t) in enumerate(zip(sig, (x, y))):
-            # (the median heuristic's 1024-token pilot; a given sigma only needs the median's rough size)
-            med = _median_d2(t) if s is None else _median_d2(t, pilot=256)
-            s = _median_sigma(t, med) if s is None else float(s)
+            if s is None:  # the median heuristic's 1024-token pilot
+                med = _median_d2(t)
+                s = _median_sigma(t, med)
+            else:  # only the rough size of the distances is needed below: their mean square, 2 sum var
+                med, s = 2.0 * float(t.var(dim=0).sum()), float(s)
             s2 = s * s if math.isfinite(s) and s > 0 else 0.0
             gammas[i] = 0.5 / s2 if 0 < s2 < math.inf else 0.0
             if not gammas[i] > 0:
                 raise ValueError(f"sigma: expected a positive, finite RBF bandwidth (with 1 / (2 sigma^2) > 0), "
                                  f"got {s}")
-            # Most kernel values near 1 (median above 1/2, as under the median heuristic's exp(-1/2)): the
+            # Most kernel values near 1 (typical value above 1/2, as under the median heuristic's exp(-1/2)): the
             # Gram is formed as K - 1, whose digits survive where 1 - eps rounds them away (HSIC is the same).
             minus_one[i] = gammas[i] * med < math.log(2.0)
     mx, my = _exact_mean(x, mx), _exact_mean(y, my)

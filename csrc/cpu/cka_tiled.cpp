@@ -30,7 +30,7 @@
 #include <utility>
 #include <vector>
 
-#include "common/checks.h"
+#include "common/cka_checks.h"
 #include "common/cka_math.h"
 
 namespace sdft {
@@ -144,14 +144,6 @@ at::Tensor shifted_sq_norms(const at::Tensor& x, const at::Tensor& shift) {
   return out;
 }
 
-void check_shift(const std::optional<at::Tensor>& s, const at::Tensor& x, const char* name) {
-  if (!s.has_value()) return;
-  TORCH_CHECK(s->dim() == 1 && s->size(0) == x.size(1) && s->scalar_type() == x.scalar_type(), name,
-              ": expected a ", x.scalar_type(), " vector of length ", x.size(1), ", got ", s->scalar_type(), " ",
-              s->sizes());
-  check_same_device(x, "x", *s, name);
-}
-
 // x: n x d, y: n x e (float32 or float64, same dtype, rows = tokens); shift_x [d], shift_y [e]: subtracted
 // from every row tile by tile (the column means: HSIC is unchanged, and float32 dot products and
 // distances of activations with large means stay well conditioned, without a centred copy of x and y);
@@ -164,22 +156,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_hsic_stats_cpu(const at::T
                                                                      const std::optional<at::Tensor>& shift_x,
                                                                      const std::optional<at::Tensor>& shift_y,
                                                                      bool minus_one_x, bool minus_one_y) {
-  check_dim(x, 2, "x");
-  check_dim(y, 2, "y");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "x: expected float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(y.scalar_type() == x.scalar_type(), "y: expected the dtype of x (", x.scalar_type(), "), got ",
-              y.scalar_type());
-  check_same_device(x, "x", y, "y");
-  TORCH_CHECK(y.size(0) == x.size(0), "y: expected ", x.size(0), " rows (tokens) like x, got ", y.size(0));
-  TORCH_CHECK(kernel == 0 || kernel == 1, "kernel: expected 0 (linear) or 1 (rbf), got ", kernel);
-  TORCH_CHECK(tile >= 1, "tile: expected a positive tile size, got ", tile);
-  TORCH_CHECK(kernel == 0 || (gamma_x > 0 && gamma_y > 0), "gamma: expected positive RBF gammas, got ",
-              gamma_x, ", ", gamma_y);
+  check_kernel_hsic_inputs(x, y, kernel, gamma_x, gamma_y, tile, shift_x, shift_y);
   const int64_t n = x.size(0);
-  TORCH_CHECK(n >= 1, "x: expected at least one token");
-  check_shift(shift_x, x, "shift_x");
-  check_shift(shift_y, y, "shift_y");
   auto xc = x.contiguous(), yc = y.contiguous();
   const at::Tensor sx = shift_x.has_value() ? *shift_x : at::Tensor(), sy = shift_y.has_value() ? *shift_y : at::Tensor();
   at::Tensor nx, ny;

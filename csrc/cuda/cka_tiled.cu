@@ -19,7 +19,7 @@
 #include <optional>
 #include <tuple>
 
-#include "common/checks.h"
+#include "common/cka_checks.h"
 #include "common/cka_math.h"
 
 namespace sdft {
@@ -154,28 +154,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_hsic_stats_cuda(const at::
                                                                       const std::optional<at::Tensor>& shift_x,
                                                                       const std::optional<at::Tensor>& shift_y,
                                                                       bool minus_one_x, bool minus_one_y) {
-  check_dim(x, 2, "x");
-  check_dim(y, 2, "y");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "x: expected float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(y.scalar_type() == x.scalar_type(), "y: expected the dtype of x (", x.scalar_type(), "), got ",
-              y.scalar_type());
-  check_same_device(x, "x", y, "y");
-  TORCH_CHECK(y.size(0) == x.size(0), "y: expected ", x.size(0), " rows (tokens) like x, got ", y.size(0));
-  TORCH_CHECK(kernel == 0 || kernel == 1, "kernel: expected 0 (linear) or 1 (rbf), got ", kernel);
-  TORCH_CHECK(tile >= 1, "tile: expected a positive tile size, got ", tile);
-  TORCH_CHECK(kernel == 0 || (gamma_x > 0 && gamma_y > 0), "gamma: expected positive RBF gammas");
+  check_kernel_hsic_inputs(x, y, kernel, gamma_x, gamma_y, tile, shift_x, shift_y);
   const int64_t n = x.size(0);
-  TORCH_CHECK(n >= 1, "x: expected at least one token");
   const int64_t nt = (n + kTile - 1) / kTile;
   TORCH_CHECK(nt <= 65535, "x: at most ", 65535 * kTile, " tokens on CUDA, got ", n);
   const c10::cuda::CUDAGuard guard(x.device());
-  for (const auto* s : {&shift_x, &shift_y})
-    TORCH_CHECK(!s->has_value() || ((*s)->dim() == 1 && (*s)->scalar_type() == x.scalar_type() &&
-                                    (*s)->device() == x.device()),
-                "shift_x/shift_y: expected a 1-d tensor of x's dtype on x's device");
-  TORCH_CHECK(!shift_x.has_value() || shift_x->size(0) == x.size(1), "shift_x: expected length ", x.size(1));
-  TORCH_CHECK(!shift_y.has_value() || shift_y->size(0) == y.size(1), "shift_y: expected length ", y.size(1));
   auto xc = (shift_x.has_value() ? at::sub(x, *shift_x) : x).contiguous();
   auto yc = (shift_y.has_value() ? at::sub(y, *shift_y) : y).contiguous();
   auto opts = x.options().dtype(at::kDouble);
