@@ -693,11 +693,12 @@ def _median_sigma(x: torch.Tensor, med_d2: float | None = None) -> float:
     return sigma
 
 
-def _exact_mean(x, s, rows=16384):
+def _exact_mean(x, s, block_elems=1 << 20):
     """Column mean of x [n, d] in x's dtype, as s + mean(x - s) accumulated in float64 over row blocks (no
     copy of x): the rounding of the first estimate s is taken out, so a constant feature centres to
     exactly 0 (its residue would otherwise give a tiny, meaningless linear kernel and a finite "CKA")."""
     r = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    rows = max(1, block_elems // max(1, x.shape[1]))  # temporaries of ~1M elements (16384 rows were 48 MiB)
     for r0 in range(0, x.shape[0], rows):
         r += (x[r0:r0 + rows] - s).sum(0, dtype=torch.float64)
     return (s.double() + r / max(x.shape[0], 1)).to(x.dtype)
@@ -729,8 +730,9 @@ def _kernel_inputs(x, y, kernel, sigma, tile, mask, unbiased):
             if s is None:  # the median heuristic's 1024-token pilot
                 med = _median_d2(t)
                 s = _median_sigma(t, med)
-            else:  # only the rough size of the distances is needed below: their mean square, 2 sum var
-                med, s = 2.0 * float(t.var(dim=0).sum()), float(s)
+            else:  # only the rough size of the distances is needed below: their mean square, 2 sum var,
+                # over <= ~1024 strided rows (var over all of them copied the whole [n, d] tensor)
+                med, s = 2.0 * float(t[::max(1, t.shape[0] // 1024)].var(dim=0).sum()), float(s)
             s2 = s * s if math.isfinite(s) and s > 0 else 0.0
             gammas[i] = 0.5 / s2 if 0 < s2 < math.inf else 0.0
             if not gammas[i] > 0:
