@@ -1,4 +1,5 @@
 """distill_loss (dense teacher) against the float64 pure-PyTorch reference."""
+import numpy as np
 import pytest
 import torch
 
@@ -290,6 +291,8 @@ def test_bad_inputs_name_the_argument():
     _bad(lambda: distill_loss(s, t, labels=torch.tensor([0, 1, 10, 2]), mask=pad), "labels")  # this one counts
     _bad(lambda: distill_loss(s, t, mask=torch.ones(3, dtype=torch.bool)), "mask")
     _bad(lambda: distill_loss(s, t, beta=1.5, divergence="jsd"), "beta")
+    _bad(lambda: distill_loss(s, t, beta=True, divergence="jsd"), "beta")  # a bool is no mixing weight
+    assert distill_loss(s, t, temperature=np.float32(2.0)) == distill_loss(s, t, temperature=2.0)  # NumPy scalar
     _bad(lambda: distill_loss(s, t, temperature=0.0), "temperature")
     _bad(lambda: distill_loss(s, t, temperature=-1.0), "temperature")
     _bad(lambda: distill_loss(s, t, divergence="kl"), "divergence")

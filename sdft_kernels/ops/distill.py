@@ -21,6 +21,7 @@ forward works.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -166,13 +167,18 @@ torch.library.register_autograd("sdft_kernels::distill_topk", _backward_topk, se
 
 
 # ---------------------------------------------------------------- argument checks (before any work)
-def _check_logits(name, x):
+def _check_logits(name, x, last="V"):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOATS:
         raise TypeError(f"{name}: expected float32, bfloat16, float16 or float64, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"{name}: expected shape [..., V] with V >= 1, got {tuple(x.shape)}")
+        raise ValueError(f"{name}: expected shape [..., {last}] with {last} >= 1, got {tuple(x.shape)}")
+
+
+def _real(x) -> bool:
+    """A plain real number (NumPy scalars included), not a bool."""
+    return isinstance(x, (int, float, numbers.Real)) and not isinstance(x, bool)
 
 
 def check_reverse_mode_only(name, t):
@@ -196,10 +202,10 @@ def check_reverse_mode_only(name, t):
 def check_options(divergence, beta, temperature, reduction):
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence: expected one of {sorted(DIVERGENCES)}, got {divergence!r}")
-    if not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
+    if not _real(beta) or not 0.0 <= float(beta) <= 1.0:
         raise ValueError(f"beta: expected a number in [0, 1], got {beta!r}")
     # chained comparison, not math.isfinite: a SymFloat under torch.compile(dynamic=True) supports it
-    if not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+    if not _real(temperature) or not 0 < temperature < math.inf:
         raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
@@ -341,7 +347,7 @@ def distill_loss_topk(student_logits, teacher_topk_logprobs, teacher_topk_indice
     Other arguments as in distill_loss.
     """
     _check_logits("student_logits", student_logits)
-    _check_logits("teacher_topk_logprobs", teacher_topk_logprobs)
+    _check_logits("teacher_topk_logprobs", teacher_topk_logprobs, last="k")
     check_reverse_mode_only("student_logits", student_logits)
     idx = teacher_topk_indices
     if not isinstance(idx, torch.Tensor) or idx.dtype.is_floating_point or idx.dtype == torch.bool:
