@@ -25,3 +25,24 @@ def test_cases_past_the_deadline_are_recorded_as_skipped_not_run(tmp_path):
     assert [r["status"] for r in rows] == ["skipped: not run: past the run's --deadline"] * 2
     with open(tmp_path / "toy.csv") as f:
         assert [r["provider"] for r in csv.DictReader(f)] == ["a", "b"]
+
+
+def test_targets_pair_rows_of_one_run_only(tmp_path):
+    from benchmarks import targets
+    head = ("kernel,provider,mode,metric,unit,sizes,dtype,median,p20,p80,floor_fraction,floor,reps,status,"
+            "device,torch,commit,timestamp,threads,load1\n")
+    sz = '"L=12,n=8192,d=768,data=llm"'
+
+    def row(provider, ms, commit, ts, sizes=sz):
+        return (f"linear_cka_diag,{provider},full,time,ms,{sizes},float32,{ms},,,,,1,ok,cpu x2,2.13.0,{commit},"
+                f"{ts},2,1.0\n")
+
+    ck = '"L=12,n=8192,d=768,data=llm,b=1024"'
+    path = tmp_path / "linear_cka_diag.csv"
+    path.write_text(head + row("ckatorch", 20000, "aaa", "2026-12-01T10:00:00Z", ck) +
+                    row("ours", 1000, "bbb", "2026-12-02T10:00:00Z"))
+    (got,) = [m for t, m, _ in targets.evaluate(tmp_path) if "ckatorch / ours" in t]
+    assert got.startswith("n/a (latest rows from different runs"), got  # not 20x across machines
+    path.write_text(path.read_text() + row("ckatorch", 12000, "bbb", "2026-12-02T10:05:00Z", ck))
+    (got,) = [m for t, m, _ in targets.evaluate(tmp_path) if "ckatorch / ours" in t]
+    assert got == "12.00x"
