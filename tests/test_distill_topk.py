@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sdft_kernels import distill_loss, distill_loss_topk
-from sdft_kernels.reference.distill import distill_loss_topk_ref
+from sdft_kernels.reference.distill import distill_loss_ref, distill_loss_topk_ref
 
 DIVS = ["forward_kl", "reverse_kl", "jsd"]
 
@@ -151,6 +151,24 @@ def test_student_tail_far_below_its_max(device, divergence, gap):
     assert torch.isfinite(out).all(), out
     assert torch.allclose(out.double().cpu(), ref, rtol=1e-5, atol=1e-7), (out, ref)
     assert torch.allclose(g.double().cpu(), g_ref, rtol=1e-4, atol=1e-9), float((g.double().cpu() - g_ref).abs().max())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_empty_student_tail_gets_zero_gradient(device, divergence):
+    # every unlisted student logit -inf (a masked vocabulary): the tail is empty, its gradient 0 (the CUDA
+    # kernel computed 0 * exp(-inf - -inf) = NaN there, behind a finite loss)
+    s = torch.randn(3, 8)
+    s[:, 4:] = float("-inf")
+    idx = torch.arange(4).repeat(3, 1)
+    lp = torch.full((3, 4), 0.25).log()
+    x = s.to(device).requires_grad_()
+    out = distill_loss_topk(x, lp.to(device), idx.to(device), divergence=divergence)
+    (g,) = torch.autograd.grad(out, x)
+    assert torch.isfinite(out) and bool((g[:, 4:] == 0).all()) and bool(torch.isfinite(g).all())
+    x64 = s[:, :4].double().requires_grad_()  # the listed entries hold all of both distributions
+    (g_ref,) = torch.autograd.grad(distill_loss_ref(x64, lp.double(), divergence=divergence), x64)
+    assert torch.allclose(g[:, :4].double().cpu(), g_ref, atol=1e-6)
 
 
 @pytest.mark.cuda

@@ -219,6 +219,16 @@ def test_bad_row_is_named_by_its_token_not_its_chunk_row():
             fused_linear_distill_loss(**x, chunk_size=chunk)
 
 
+@pytest.mark.cuda
+def test_cuda_bad_row_is_reported_not_a_silent_nan():
+    # the CUDA kernel marks the row by a NaN loss instead of raising: the wrapper must still raise
+    x = {k: v.cuda() for k, v in _inputs(n=9, dtype=torch.float32).items()}
+    x["student_hidden"][5, 0] = float("nan")
+    for chunk in (2, None):
+        with pytest.raises(ValueError, match="token row 5 "):
+            fused_linear_distill_loss(**x, chunk_size=chunk)
+
+
 def test_compile_fullgraph_default_reduction():
     x = _inputs(n=4, hs=6, ht=6, v=9, dtype=torch.float32)
     f = torch.compile(lambda a, b, c, d: fused_linear_distill_loss(a, b, c, d), fullgraph=True, backend="aot_eager")

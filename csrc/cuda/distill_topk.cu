@@ -138,9 +138,10 @@ __global__ void __launch_bounds__(kBlock) distill_topk_kernel(
   const acc_t rs = P.div == kJSD ? K : L;
   // Tail entries share the tail bucket's gradient in proportion to q_j / Q_tail; listed entries get theirs.
   const acc_t gt = has_tail && tail > 0 ? bucket_grad(P, lp_tail, lq_tail, rs) / tail : acc_t(0);
+  // An empty tail (every unlisted logit -inf: mt = -inf) gets 0, not 0 * exp(-inf - -inf) = NaN.
   for (int64_t j = tid; j < V; j += kBlock)
     if (!(bitmap[j / 32] & (1u << (j % 32))))
-      g[j] = static_cast<scalar_t>(gt * fast_exp(static_cast<acc_t>(z[j]) * it - mt));
+      g[j] = tail > 0 ? static_cast<scalar_t>(gt * fast_exp(static_cast<acc_t>(z[j]) * it - mt)) : scalar_t(0);
   for (int64_t i = tid; i < k; i += kBlock)
     g[idx[i]] = static_cast<scalar_t>(bucket_grad(P, lpk[i], (static_cast<acc_t>(z[idx[i]]) * it - ms) - lzs, rs));
 }

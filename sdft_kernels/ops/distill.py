@@ -279,7 +279,7 @@ def reduce_rows(rows, valid, reduction, batch, temperature, scale_by_t2):
     return out * (temperature * temperature) if scale_by_t2 else out
 
 
-def _report_bad_rows(rows, names, what="contains NaN or +inf, or has no finite entry"):
+def report_bad_rows(rows, names, what="contains NaN or +inf, or has no finite entry"):
     """The CUDA kernel marks bad rows (NaN / +inf, no finite entry; for top-k also bad indices or listed
     probabilities above 1) by a NaN loss (the CPU kernel raises itself, naming the case); report them in
     eager mode rather than propagate them."""
@@ -325,7 +325,7 @@ def distill_loss(student_logits, teacher_logits, *, divergence="forward_kl", bet
     rows, _ = torch.ops.sdft_kernels.distill_dense(
         student_logits.reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab), valid, kernel_w,
         DIVERGENCES[divergence], float(beta), float(temperature), compute_grad)
-    _report_bad_rows(rows, "student_logits or teacher_logits")
+    report_bad_rows(rows, "student_logits or teacher_logits")
     if row_w is not None:
         return (rows * row_w).sum()
     return reduce_rows(rows.reshape(lead), valid, reduction, batch, temperature, scale_by_t2)
@@ -372,7 +372,7 @@ def distill_loss_topk(student_logits, teacher_topk_logprobs, teacher_topk_indice
         student_logits.reshape(-1, vocab), teacher_topk_logprobs.detach().reshape(-1, k).to(acc),
         idx.reshape(-1, k).to(torch.int64), valid, DIVERGENCES[divergence], float(beta), float(temperature),
         compute_grad)
-    _report_bad_rows(rows, "student_logits, teacher_topk_logprobs or teacher_topk_indices",
+    report_bad_rows(rows, "student_logits, teacher_topk_logprobs or teacher_topk_indices",
                      "is invalid (NaN or +inf, no finite logit, an index outside [0, V) or repeated, or "
                      "listed probabilities summing above 1)")
     batch = student_logits.shape[0] if student_logits.dim() > 1 else 1

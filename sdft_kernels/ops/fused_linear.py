@@ -19,8 +19,8 @@ import re
 import torch
 
 from ..checks import int_at_least
-from .distill import (DIVERGENCES, check_reverse_mode_only, check_not_reused, check_once_differentiable, check_options,
-                      kernel_row_weights, row_weights, traced, valid_rows)
+from .distill import (DIVERGENCES, check_not_reused, check_once_differentiable, check_options,
+                      check_reverse_mode_only, kernel_row_weights, report_bad_rows, row_weights, traced, valid_rows)
 
 __all__ = ["fused_linear_distill_loss", "DEFAULT_CHUNK_BYTES"]
 
@@ -91,6 +91,8 @@ def _chunks(sh, sw, sb, th, tw, tb, valid, row_w, div, beta, tau, vocab, chunk, 
                 gw[:vocab].add_(g.t() @ hs)
         if gb is not None:
             gb[:vocab].add_(g.sum(0, dtype=acc))
+    # The CUDA kernel marks a bad row by a NaN loss instead of raising (the CPU one raised above).
+    report_bad_rows(rows, "student_hidden / student_weight or teacher_hidden / teacher_weight: the logits of token")
     return rows, gh, gw, gb
 
 
