@@ -211,11 +211,24 @@ def _structure(model) -> dict:
     return {"quant": quant, "masks": masks}
 
 
+def check_model_out(path: str | os.PathLike, name: str = "--out") -> Path:
+    """A model directory may only replace nothing, an empty directory or an earlier model directory (it
+    has a config.json): replacing anything else would delete unrelated files. Call before any work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{name}: {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
+        raise FileExistsError(f"{name}: {path} is a non-empty directory that holds no saved model (no "
+                              "config.json); it would be replaced as a whole: choose a new or empty directory")
+    return path
+
+
 def save_model_dir(model, tokenizer, path: str | os.PathLike, record: dict | None = None) -> Path:
-    """Save a (possibly quantized / pruned) causal LM atomically: the directory appears whole or not."""
+    """Save a (possibly quantized / pruned) causal LM atomically: the directory appears whole or not,
+    replacing an earlier model directory at `path` (anything else there is refused: check_model_out)."""
     from .align import unwrap
     model = unwrap(model)
-    path = Path(path)
+    path = check_model_out(path, "path")
     tmp = make_tmp_dir(path)
     try:
         plain = _plain_copy(model)

@@ -70,6 +70,10 @@ class RecoverConfig:
             raise ValueError(f"schedule: expected 'cosine' or 'constant', got {self.schedule!r}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every: expected >= 0, got {self.checkpoint_every}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps (--warmup): expected >= 0, got {self.warmup_steps}")
+        if self.lora and self.lora_r < 1:
+            raise ValueError(f"lora_r (--lora-r): expected >= 1, got {self.lora_r}")
         return self
 
 
@@ -212,6 +216,16 @@ class RecoverResult:
     seconds: float = 0.0
 
 
+def _run_fingerprint(student, train_ids: torch.Tensor) -> dict:
+    """What a checkpoint must have been trained on to be resumed: the training blocks (SHA-256 of their
+    shape and token ids) and the student's architecture (its parameter names and shapes)."""
+    import hashlib
+    ids = hashlib.sha256(str(tuple(train_ids.shape)).encode())
+    ids.update(train_ids.detach().cpu().contiguous().numpy().tobytes())
+    arch = hashlib.sha256(repr([(n, tuple(p.shape)) for n, p in unwrap(student).named_parameters()]).encode())
+    return {"train_ids": ids.hexdigest(), "student": arch.hexdigest()}
+
+
 def recover(teacher, student, train_ids: torch.Tensor, config: RecoverConfig | None = None, *,
             out_dir: str | Path | None = None, align_ids: torch.Tensor | None = None,
             layer_map: Sequence[int] | None = None, world: World | None = None,
@@ -265,6 +279,7 @@ def recover(teacher, student, train_ids: torch.Tensor, config: RecoverConfig | N
 
     res = RecoverResult(student=student)
     start = 0
+    run_id = _run_fingerprint(student, train_ids)
     if ckpt_path is not None and ckpt_path.exists():
         ck = sio.torch_load(ckpt_path)
         saved = {k: v for k, v in ck["config"].items() if k not in ("checkpoint_every",)}
@@ -272,14 +287,19 @@ def recover(teacher, student, train_ids: torch.Tensor, config: RecoverConfig | N
         if saved != now:
             raise ValueError(f"out_dir: {out_dir} holds a checkpoint of a different config; use a new "
                              "directory or delete it")
+        for key, what in (("train_ids", "training blocks (--text, --block-len, --max-blocks)"),
+                          ("student", "student architecture")):
+            if key in ck.get("run", {}) and ck["run"][key] != run_id[key]:
+                raise ValueError(f"{key}: out_dir {out_dir} holds a checkpoint of other {what}; resuming "
+                                 "would continue another run: use a new directory or delete it")
         # full (unsharded) state keyed by name: resumes on any number of ranks, any wrapping
         load_full_state(unwrap(student), ck["model"], opt, ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         _set_rng_state(ck["rng"])
         start, res.history, res.trajectory = ck["step"], ck["history"], ck["trajectory"]
         res.resumed_from = start
-        if world.is_main and metrics_path is not None:
-            sio.atomic_write_jsonl(metrics_path, res.history)
+    if world.is_main and metrics_path is not None:  # what the checkpoint holds (nothing at step 0):
+        sio.atomic_write_jsonl(metrics_path, res.history)  # steps logged after it are redone
 
     def trajectory_point(step):
         if align_ids is None or cfg.align_blocks <= 0:
@@ -302,7 +322,7 @@ def recover(teacher, student, train_ids: torch.Tensor, config: RecoverConfig | N
             sio.atomic_torch_save({"step": step, "model": state, "optimizer": opt_state,
                                    "scheduler": sched.state_dict(), "rng": _rng_state(),
                                    "history": res.history, "trajectory": res.trajectory,
-                                   "config": dataclasses.asdict(cfg)}, ckpt_path)
+                                   "config": dataclasses.asdict(cfg), "run": run_id}, ckpt_path)
         barrier(world)
 
     if start == 0 and not res.trajectory:

@@ -11,6 +11,8 @@ before any work, then applied through the degrade package.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 BITS = (2, 3, 4, 8)
@@ -56,6 +58,8 @@ def parse_spec(text: str, n_layers: int | None = None) -> Spec:
         value = float(parts[0])
     except ValueError:
         raise ValueError(f"degradation spec {text!r}: severity {parts[0]!r} is not a number") from None
+    if not math.isfinite(value):  # inf / nan: every range check below would pass or crash on int()
+        raise ValueError(f"degradation spec {text!r}: severity must be a finite number, got {parts[0]!r}")
     opts: dict = {}
     if kind in ("rtn", "gptq"):
         if value not in BITS:

@@ -68,6 +68,8 @@ def test_degrade_align_eval_recover_commands(tiny_dir, tmp_path, capsys):
     (["degrade", "--spec", "blocks:0", "--out", "X"], "positive integer"),
     (["degrade", "--spec", "blur:3", "--out", "X"], "unknown kind"),
     (["run", "--specs", "rtn:3:g0"], "unknown option"),
+    (["degrade", "--spec", "forget:inf", "--out", "X"], "finite"),
+    (["degrade", "--spec", "blocks:nan", "--out", "X"], "finite"),
 ])
 def test_bad_severity_is_a_clear_error(argv, msg, capsys):
     assert main(argv) == 2
@@ -86,6 +88,18 @@ def test_bad_model_and_text(tiny_dir, tmp_path, capsys):
     assert "empty" in capsys.readouterr().err
     assert main(["degrade", "--model", str(tiny_dir), "--spec", "blocks:2", "--out", str(tmp_path / "x")]) == 2
     assert "at most 1" in capsys.readouterr().err
+    # --out must not replace a directory of other files (it was deleted whole) or a file
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "thesis.tex").write_text("years of work")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("data")
+    for out in (keep, plain):
+        assert main(["degrade", "--model", str(tiny_dir), "--spec", "rtn:4", "--out", str(out)]) == 2
+        assert "--out" in capsys.readouterr().err
+    assert (keep / "thesis.tex").read_text() == "years of work" and plain.read_text() == "data"
+    assert main(["align", "--teacher", str(tiny_dir), "--student", str(tiny_dir), "--block-len", "0"]) == 2
+    assert "--block-len" in capsys.readouterr().err
 
 
 def test_tokenizer_mismatch_and_unmappable_layers(tiny_dir, tmp_path, capsys):

@@ -1,6 +1,7 @@
 """SDFT recovery: it reduces the divergence to the teacher and the perplexity of a degraded model,
 a resumed run is bit-identical to an uninterrupted one, and compressed students stay compressed."""
 import copy
+import json
 
 import pytest
 import torch
@@ -80,6 +81,14 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     assert [t["step"] for t in a.trajectory] == [t["step"] for t in b.trajectory] == [0, 2, 4]
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().strip().splitlines()
     assert len(lines) == 4
+    # killed before its first checkpoint: the rerun starts at step 0 and must not append to the old log
+    recover(teacher, copy.deepcopy(degraded), train, cfg, out_dir=tmp_path / "c", progress=False, stop_after=1)
+    (tmp_path / "c" / "checkpoint.pt").unlink()
+    recover(teacher, copy.deepcopy(degraded), train, cfg, out_dir=tmp_path / "c", progress=False)
+    assert [json.loads(x)["step"] for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    # a checkpoint of other training blocks is not resumed as if it were this run
+    with pytest.raises(ValueError, match="train_ids: .*other training blocks"):
+        recover(teacher, copy.deepcopy(degraded), train[:-1], cfg, out_dir=tmp_path / "b", progress=False)
     # a quantized student stays quantized: QuantLinear layers, weights on their 2-bit grids
     qs = [m for m in b.student.modules() if isinstance(m, QuantLinear)]
     assert len(qs) == len([m for m in degraded.modules() if isinstance(m, QuantLinear)]) > 0
@@ -114,6 +123,7 @@ def test_batch_rows_is_a_pure_function_of_step():
 @pytest.mark.parametrize("kw, msg", [
     ({"steps": 0}, "steps"), ({"divergence": "kl"}, "divergence"), ({"temperature": 0.0}, "temperature"),
     ({"beta": 1.5}, "beta"), ({"lr": -1.0}, "lr"), ({"ce_weight": -0.1}, "ce_weight"),
+    ({"warmup_steps": -5}, "warmup"), ({"lora": True, "lora_r": 0}, "lora_r"),
 ])
 def test_bad_config_is_rejected(kw, msg):
     with pytest.raises(ValueError, match=msg):

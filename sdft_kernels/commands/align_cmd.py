@@ -30,8 +30,13 @@ def main(args) -> int:
         raise ValueError("--student: required (a model directory)")
     if args.blocks < 1 or args.chunk < 1 or args.drop_first < 0:
         raise ValueError("--blocks and --chunk must be >= 1, --drop-first >= 0")
+    if args.block_len is not None and args.block_len < 2:  # 0 used to mean the default silently
+        raise ValueError(f"--block-len: expected >= 2 tokens (omit it for the model's context), got {args.block_len}")
     text = read_text(args.text, "heldout")
     teacher, tok, student, _, record, layer_map = load_pair(args.teacher, args.student)
+    ctx = default_block_len(teacher, cap=1 << 62)
+    if args.block_len is not None and args.block_len > ctx:
+        raise ValueError(f"--block-len: {args.block_len} exceeds the model's {ctx} positions")
     T = args.block_len or default_block_len(teacher)
     ids = blocks(tok, text, T, None, "--text")[-args.blocks:]
     from ..distributed import init_world

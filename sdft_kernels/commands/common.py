@@ -72,7 +72,7 @@ def emit(obj, out_path=None):
 
 
 def friendly(fn):
-    """Bad input (ValueError/TypeError/FileNotFoundError raised by the checks) -> one clear line on
+    """Bad input (ValueError/TypeError/FileNotFoundError/FileExistsError raised by the checks) -> one clear line on
     stderr and exit status 2, instead of a traceback. Set SDFT_TRACEBACK=1 to see the traceback."""
     import functools
     import os
@@ -81,7 +81,7 @@ def friendly(fn):
     def wrapper(args):
         try:
             return fn(args)
-        except (ValueError, TypeError, FileNotFoundError) as exc:
+        except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
             if os.environ.get("SDFT_TRACEBACK"):
                 raise
             print(f"sdft {getattr(args, 'command', '')}: error: {exc}", file=sys.stderr)

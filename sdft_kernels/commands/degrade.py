@@ -21,13 +21,14 @@ def configure(p):
 def main(args) -> int:
     from ..align import _layers
     from ..data import load_text
-    from ..io import save_model_dir
+    from ..io import check_model_out, save_model_dir
     from ..specs import apply_spec, parse_spec
     from .common import blocks, emit, load_any
 
     if args.calib_blocks < 1 or args.block_len < 2:
         raise ValueError("--calib-blocks must be >= 1 and --block-len >= 2")
     spec = parse_spec(args.spec)  # syntax and range, before loading anything
+    check_model_out(args.out)
     model, tok, _ = load_any(args.model)
     spec = parse_spec(args.spec, len(_layers(model)))
     calib = blocks(tok, load_text("calibration"), args.block_len, args.calib_blocks, "calibration") \

@@ -41,6 +41,9 @@ def main(args) -> int:
 
     if args.student is None:
         raise ValueError("--student: required (a model directory)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise FileExistsError(f"--out: {args.out} exists and is not a directory")
+    sio.check_model_out(Path(args.out) / "model", "--out")
     cfg = RecoverConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                         divergence=args.divergence, temperature=args.temperature, beta=args.beta,
                         ce_weight=args.ce_weight, lora=args.lora, lora_r=args.lora_r,
