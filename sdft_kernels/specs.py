@@ -93,6 +93,28 @@ def parse_spec(text: str, n_layers: int | None = None) -> Spec:
     return Spec(text=t, kind=kind, value=value, options=opts)
 
 
+def stack_record(prev: dict | None, spec: Spec, new: dict | None = None) -> dict | None:
+    """Degrading a model that is itself degraded (its record `prev`): called with new=None before any work,
+    it refuses what cannot stack (the weights of a quantized or pruned model are not plain nn.Linear ones:
+    quantizing or pruning them again, or copying a pruned model, is not supported); called with the new
+    record, it returns it with the layer map composed (student block i now stands for the ORIGINAL
+    model's block prev_map[new_map[i]]: after a block removal a reset map would silently pair the wrong
+    blocks) and the earlier record kept under "previous"."""
+    if prev is None:
+        return new
+    compressed = str(prev.get("kind", "")).startswith(("quantize", "prune_unstructured", "prune_2_4"))
+    if new is None:
+        if compressed and (spec.kind != "blocks" or prev["kind"].startswith("prune")):
+            raise ValueError(f"--model: is already degraded by {prev['kind']}; applying {spec.text!r} on top is not "
+                             "supported (quantized / pruned weights are not plain linear layers): degrade the "
+                             "original model, or remove blocks first and compress after")
+        return None
+    new = dict(new)
+    new["layer_map"] = [int(prev["layer_map"][i]) for i in new["layer_map"]]
+    new["previous"] = prev
+    return new
+
+
 def apply_spec(spec: Spec, model, tokenizer, calib_ids=None, seed: int = 0):
     """Run the degradation; returns (new_model, record). The input model is not modified."""
     if spec.needs_calibration and calib_ids is None:

@@ -112,3 +112,18 @@ def test_tokenizer_mismatch_and_unmappable_layers(tiny_dir, tmp_path, capsys):
     save_model_dir(small, tok, tmp_path / "vocab")
     assert main(["align", "--teacher", str(tiny_dir), "--student", str(tmp_path / "vocab")]) == 2
     assert "vocabulary" in capsys.readouterr().err
+
+
+def test_degrading_a_degraded_model_composes_the_layer_map(tiny_dir, tmp_path, capsys):
+    from sdft_kernels.io import read_json
+    a, b, p = tmp_path / "a", tmp_path / "b", tmp_path / "p"
+    assert main(["degrade", "--model", str(tiny_dir), "--spec", "blocks:1", "--calib-blocks", "1",
+                 "--block-len", "32", "--out", str(a)]) == 0
+    first = read_json(a / "degradation.json")["layer_map"]
+    assert main(["degrade", "--model", str(a), "--spec", "rtn:4", "--out", str(b)]) == 0
+    rec = read_json(b / "degradation.json")
+    assert rec["layer_map"] == first and rec["previous"]["kind"] == "prune_blocks"  # was reset to [0]
+    assert main(["degrade", "--model", str(tiny_dir), "--spec", "magnitude:0.5", "--out", str(p)]) == 0
+    capsys.readouterr()
+    assert main(["degrade", "--model", str(p), "--spec", "rtn:4", "--out", str(tmp_path / "q")]) == 2
+    assert "already degraded" in capsys.readouterr().err  # was a deepcopy traceback

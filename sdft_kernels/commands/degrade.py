@@ -22,18 +22,20 @@ def main(args) -> int:
     from ..align import _layers
     from ..data import load_text
     from ..io import check_model_out, save_model_dir
-    from ..specs import apply_spec, parse_spec
+    from ..specs import apply_spec, parse_spec, stack_record
     from .common import blocks, emit, load_any
 
     if args.calib_blocks < 1 or args.block_len < 2:
         raise ValueError("--calib-blocks must be >= 1 and --block-len >= 2")
     spec = parse_spec(args.spec)  # syntax and range, before loading anything
     check_model_out(args.out)
-    model, tok, _ = load_any(args.model)
+    model, tok, prev = load_any(args.model)
     spec = parse_spec(args.spec, len(_layers(model)))
+    stack_record(prev, spec)  # what cannot stack on an already degraded model is refused here
     calib = blocks(tok, load_text("calibration"), args.block_len, args.calib_blocks, "calibration") \
         if spec.needs_calibration else None
     new, record = apply_spec(spec, model, tok, calib, seed=args.seed)
+    record = stack_record(prev, spec, record)
     save_model_dir(new, tok, args.out, record)
     short = {k: v for k, v in record.items() if k in ("kind", "params", "layer_map", "bits_per_weight",
                                                        "removed", "sparsity", "distances")}
