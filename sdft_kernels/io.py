@@ -191,6 +191,14 @@ def _plain_copy(model):
             continue
         k = k[:-5] if k.endswith("_orig") else k
         sd[k] = effective.get(k, v)
+    if getattr(config, "tie_word_embeddings", False):
+        # A quantized head (include_lm_head) computes with other weights than the embedding it was tied
+        # to: untie, or save_pretrained would store one of them and from_pretrained tie both to it.
+        names = {id(m): n for n, m in model.named_modules()}
+        key_in = names.get(id(model.get_input_embeddings()), "") + ".weight"
+        key_out = names.get(id(model.get_output_embeddings()), "") + ".weight"
+        if key_in in sd and key_out in sd and not torch.equal(sd[key_in], sd[key_out]):
+            config.tie_word_embeddings = False
     with torch.device("meta"):
         plain = type(model)(config)
     plain.load_state_dict(sd, strict=False, assign=True)
@@ -208,7 +216,11 @@ def _structure(model) -> dict:
         for hook in getattr(m, "_forward_pre_hooks", {}).values():
             if isinstance(hook, prune.BasePruningMethod):
                 masks.append([n, hook._tensor_name])
-    return {"quant": quant, "masks": masks}
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    # a tied head that computes with other weights (quantized) is saved untied in the plain copy; the
+    # compressed model shares one latent weight, and gets it back on load
+    tied = out_emb is not None and getattr(out_emb, "weight", None) is in_emb.weight
+    return {"quant": quant, "masks": masks, "tied": bool(tied)}
 
 
 def check_model_out(path: str | os.PathLike, name: str = "--out") -> Path:
@@ -283,5 +295,8 @@ def load_model_dir(path: str | os.PathLike, dtype=torch.float32):
         bad = [k for k in list(missing) + list(unexpected) if "lm_head" not in k and "embed_tokens" not in k]
         if bad:
             raise ValueError(f"path: {path}/sdft_state.pt does not match the saved model ({bad[:5]} ...)")
+        if st.get("tied") and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+            model.get_output_embeddings().weight = model.get_input_embeddings().weight
+            model.config.tie_word_embeddings = True
     model.eval()
     return model, tok, record

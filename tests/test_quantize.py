@@ -113,6 +113,25 @@ def test_lm_head_option(model):
     assert type(quantize_rtn(model, 8)[0].lm_head) is torch.nn.Linear
 
 
+def test_quantized_tied_head_saves_untied_plain_copy_and_reloads_tied(tmp_path):
+    # A quantized head tied to the embedding: re-tying the plain copy on save put the unquantized head
+    # back (from_pretrained logits 3.5 off on the default model); the compressed model shares one latent.
+    from transformers import AutoModelForCausalLM
+    from sdft_kernels.io import load_model_dir, save_model_dir
+    from sdft_kernels.models import tiny_random_model
+    m, tok = tiny_random_model(num_layers=2, hidden_size=32, seed=0)
+    assert m.config.tie_word_embeddings
+    q, rec = quantize_rtn(m, 3, group_size=16, include_lm_head=True)
+    save_model_dir(q, tok, tmp_path / "q", rec)
+    x = torch.randint(0, m.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    back = load_model_dir(tmp_path / "q")[0]
+    with torch.no_grad():
+        want = q(x).logits
+        assert torch.equal(plain(x).logits, want) and torch.equal(back(x).logits, want)
+    assert back.get_output_embeddings().weight is back.get_input_embeddings().weight
+
+
 def test_ste_gradient_reaches_latent_weight_and_forward_stays_quantised():
     torch.manual_seed(0)
     lin = torch.nn.Linear(40, 7)
