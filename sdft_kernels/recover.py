@@ -158,6 +158,18 @@ def _peft_ignore_old_torchao():
     pt.is_torchao_available = safe
 
 
+def _check_lora_mergeable(student):
+    """LoRA adapters are dense: merged into a quantized layer they are re-quantized onto its grid, into a
+    pruned one they are cut by its mask, so the saved model would not be the trained one (KL 0.15 trained
+    vs 0.23 saved on the default model at 2 bits). Full fine-tuning keeps the model compressed."""
+    from .degrade.quantize import QuantLinear
+    for n, m in unwrap(student).named_modules():
+        if isinstance(m, QuantLinear) or any(k.endswith("_mask") for k, _ in m.named_buffers(recurse=False)):
+            raise ValueError(f"lora: the student is {'quantized' if isinstance(m, QuantLinear) else 'pruned'} "
+                             f"({n}); adapters cannot be merged into it exactly: recover with full fine-tuning "
+                             "(without --lora), which trains the compressed weights and keeps them compressed")
+
+
 def _apply_lora(student, cfg: RecoverConfig):
     from peft import LoraConfig, get_peft_model
     _peft_ignore_old_torchao()
@@ -247,6 +259,8 @@ def recover(teacher, student, train_ids: torch.Tensor, config: RecoverConfig | N
         raise ValueError(f"batch_size: {cfg.batch_size} is smaller than the world size {world.world_size}")
     check_compatible(teacher, student)
     layer_map = check_layer_map(layer_map, len(_layers(student)), len(_layers(teacher)))
+    if cfg.lora:
+        _check_lora_mergeable(student)
 
     out_dir = Path(out_dir) if out_dir is not None else None
     ckpt_path = out_dir / "checkpoint.pt" if out_dir else None

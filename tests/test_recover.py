@@ -111,6 +111,12 @@ def test_lora_trains_adapters_only(setup):
     assert changed
     base = {k.replace(".base_layer", ""): v for k, v in after.items() if "lora_" not in k}
     assert all(torch.equal(before[k], base[k]) for k in before)
+    # a quantized student: merging the dense adapters would re-quantize them, the saved model would not
+    # be the trained one; refused before any training
+    _, degraded, *_ = setup
+    with pytest.raises(ValueError, match="lora: the student is quantized"):
+        recover(teacher, copy.deepcopy(degraded), train, RecoverConfig(steps=2, batch_size=2, lora=True),
+                progress=False)
 
 
 def test_batch_rows_is_a_pure_function_of_step():
