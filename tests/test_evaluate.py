@@ -125,7 +125,7 @@ def test_correlate_matches_scipy():
     assert out["spearman_r"] == pytest.approx(sr.statistic) and out["spearman_p"] == pytest.approx(sr.pvalue)
     # known values: a perfect monotone, non-linear relation
     out = correlate([1, 2, 3, 4], [1, 4, 9, 16])
-    assert out["spearman_r"] == pytest.approx(1.0) and out["spearman_p"] == pytest.approx(0.0, abs=1e-9)
+    assert out["spearman_r"] == pytest.approx(1.0) and out["spearman_p"] == pytest.approx(1 / 12)  # exact, n = 4
     assert 0.98 < out["pearson_r"] < 1.0
     assert math.isnan(correlate([1, 1, 1], [1, 2, 3])["pearson_r"])
 
@@ -137,3 +137,17 @@ def test_correlate_bad_input():
         correlate([1, 2, 3], [3, 4])
     with pytest.raises(ValueError, match="y"):
         correlate([1, 2, 3], [3, float("nan"), 4])
+
+
+def test_spearman_p_is_exact_for_few_pairs():
+    # scipy's t approximation says p = 0 for a perfect rank correlation at any n; the permutation
+    # distribution over all n! orderings gives 2/3! at n = 3 and 2/4! at n = 4 (both directions count)
+    from sdft_kernels.evaluate import correlate
+    assert correlate([1, 2, 3], [10, 20, 30])["spearman_p"] == pytest.approx(1 / 3)
+    assert correlate([1, 2, 3, 4], [4, 3, 2, 1])["spearman_p"] == pytest.approx(1 / 12)
+    x = [0.1, 0.4, 0.2, 0.9, 0.5, 0.3]
+    y = [1.0, 2.0, 3.0, 4.0, 6.0, 5.0]
+    import itertools
+    rho = stats.spearmanr(x, y).statistic  # brute force with scipy's statistic over all 720 orderings
+    perm = [abs(stats.spearmanr(x, p).statistic) >= abs(rho) - 1e-12 for p in itertools.permutations(y)]
+    assert correlate(x, y)["spearman_p"] == pytest.approx(np.mean(perm), abs=1e-12)
