@@ -369,13 +369,14 @@ def recover(teacher, student, train_ids: torch.Tensor, config: RecoverConfig | N
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
+            lr = sched.get_last_lr()[0]  # the rate this step used (after sched.step() it is the next one's)
             opt.step()
             sched.step()
             stats = torch.stack([kd.detach(), ce.detach()]).double()  # shares of the global mean: sum, no factor
             all_reduce_sum_(stats, world)  # each rank holds its share of the global mean
             rec = {"step": step + 1, "loss": float(stats[0] + cfg.ce_weight * stats[1]),
                    "divergence": float(stats[0]), "ce": float(stats[1]) if cfg.ce_weight > 0 else None,
-                   "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
+                   "lr": lr, "grad_norm": float(gnorm),
                    "tokens": int(counts[0].item())}
             res.history.append(rec)
             if mfile:

@@ -21,9 +21,12 @@ def main(args) -> int:
     from ..specs import parse_spec
     from ..study import StudyConfig, run_study
 
+    from pathlib import Path
     if args.specs:
         for s in args.specs:  # syntax/range errors before loading anything
             parse_spec(s)
+    if args.model is not None and not Path(args.model).exists():  # before --out is created
+        raise FileNotFoundError(f"--model: {args.model} does not exist (a model directory is expected)")
     cfg = StudyConfig.quick_config(args.model) if args.quick else StudyConfig(model=args.model)
     if args.specs:
         cfg.specs = tuple(args.specs)
