@@ -105,6 +105,14 @@ C10_HOST_DEVICE inline float fast_log(float x) {
 }
 C10_HOST_DEVICE inline double fast_log(double x) { return ::log(x); }
 
+// Rounding error of s = fl(a + b), exactly (Knuth's TwoSum: a + b = s + err in real arithmetic; needs
+// IEEE sums, i.e. no -ffast-math / reassociation).
+template <typename T>
+C10_HOST_DEVICE inline T two_sum_err(T a, T b, T s) {
+  const T bb = s - a;
+  return (a - (s - bb)) + (b - bb);
+}
+
 // ---- online log-sum-exp: a running (max, sum of exp(x - max)) pair; merge two of them.
 template <typename T>
 C10_HOST_DEVICE inline void lse_merge(T& m, T& s, T m2, T s2) {
