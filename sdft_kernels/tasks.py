@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 INSTRUCTION = "Sort these numbers in ascending order:"
-_ANSWER_RE = re.compile(r"The answer is\s*([0-9](?:[ \t]+[0-9])*)")
+# whole numbers: with single digits, "The answer is 0 1 2 34" read as "0 1 2 3", a correct answer
+_ANSWER_RE = re.compile(r"The answer is\s*([0-9]+(?:[ \t]+[0-9]+)*)")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ def test_template_and_extraction():
     assert tasks.extract_answer("The answer is") is None
     assert tasks.extract_answer("I think 1 3 7 9") is None
     assert tasks.is_correct(ex, "The answer is 1 3 7 9") and not tasks.is_correct(ex, "The answer is 1 3 9 7.")
+    assert not tasks.is_correct(ex, "The answer is 1 3 7 91.") and not tasks.is_correct(ex, "The answer is 1 3 7 999")
     assert tasks.Example((7, 3)).to_dict() == {"numbers": [7, 3], "instruction":
                                                   "Sort these numbers in ascending order: 7 3", "answer": "3 7"}
 
