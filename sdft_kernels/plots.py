@@ -52,9 +52,11 @@ def per_layer(path: Path, results) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
     for ax, r in zip(axes.flat, results):
         b, a = r["before"]["align"], r["after"]["align"]
-        ax.plot(b["layer_map"], b["cka"], "o-", label="degraded")
-        ax.plot(a["layer_map"], a["cka"], "s-", label="recovered")
-        ax.set_ylim(min(0.0, min(b["cka"] + a["cka"])), 1.02)
+        # an undefined CKA (NaN; null once read back from JSON) is a gap in the line
+        cb, ca = ([float("nan") if c is None else c for c in al["cka"]] for al in (b, a))
+        ax.plot(b["layer_map"], cb, "o-", label="degraded")
+        ax.plot(a["layer_map"], ca, "s-", label="recovered")
+        ax.set_ylim(min([0.0] + [c for c in cb + ca if math.isfinite(c)]), 1.02)
         ax.set_title(r["spec"], fontsize=9)
         ax.set_xlabel("teacher block")
         ax.set_ylabel("linear CKA")
@@ -89,13 +91,15 @@ def trajectories(path: Path, results) -> None:
 
 def scatter(path: Path, metrics) -> bool:
     import numpy as np
-    rows = [r for r in metrics["runs"] if r["recovery_ppl"] is not None]
+    keys = ("cka_after", "cka_before")
+    ok = lambda v: v is not None and np.isfinite(v)  # noqa: E731  (an undefined CKA is left out)
+    rows = [r for r in metrics["runs"] if ok(r["recovery_ppl"]) and all(ok(r[k]) for k in keys)]
     if len(rows) < 2:
         return False
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((axes[0], "cka_after", "mean CKA after SDFT"),
-                           (axes[1], "cka_before", "mean CKA before SDFT (degraded)")):
+    for ax, key, label in ((axes[0], keys[0], "mean CKA after SDFT"),
+                           (axes[1], keys[1], "mean CKA before SDFT (degraded)")):
         x = np.array([r[key] for r in rows])
         y = np.array([r["recovery_ppl"] for r in rows])
         ax.scatter(x, y)

@@ -24,8 +24,26 @@ def _ratio(orig, deg, rec, higher_is_better):
     return float(recovery_ratio(orig, deg, rec))
 
 
+def _num(v):
+    """A finite float, or None: an undefined CKA (zero-variance layer, too few tokens) is NaN in memory
+    and null once a unit's JSON is read back, and must read the same both ways."""
+    import math
+    return float(v) if v is not None and math.isfinite(float(v)) else None
+
+
+def _diff(a, b):
+    a, b = _num(a), _num(b)
+    return None if a is None or b is None else a - b
+
+
+def _min(values):
+    vals = [_num(v) for v in values]
+    return None if not vals or any(v is None for v in vals) else min(vals)
+
+
 def summarize(teacher: dict, results: list[dict]) -> dict:
-    """Per-run rows and alignment-vs-recovery correlations across runs."""
+    """Per-run rows and alignment-vs-recovery correlations across runs. Undefined values (NaN / None)
+    show as None and are left out of the correlations."""
     from .evaluate import correlate
     t_ppl, t_acc = teacher["eval"]["perplexity"], teacher["eval"]["task_accuracy"]
     rows = []
@@ -38,9 +56,9 @@ def summarize(teacher: dict, results: list[dict]) -> dict:
             "acc_recovered": a["eval"]["task_accuracy"],
             "recovery_ppl": _ratio(t_ppl, b["eval"]["perplexity"], a["eval"]["perplexity"], False),
             "recovery_acc": _ratio(t_acc, b["eval"]["task_accuracy"], a["eval"]["task_accuracy"], True),
-            "cka_before": b["align"]["mean_cka"], "cka_after": a["align"]["mean_cka"],
-            "cka_gain": a["align"]["mean_cka"] - b["align"]["mean_cka"],
-            "min_cka_before": min(b["align"]["cka"]), "min_cka_after": min(a["align"]["cka"]),
+            "cka_before": _num(b["align"]["mean_cka"]), "cka_after": _num(a["align"]["mean_cka"]),
+            "cka_gain": _diff(a["align"]["mean_cka"], b["align"]["mean_cka"]),
+            "min_cka_before": _min(b["align"]["cka"]), "min_cka_after": _min(a["align"]["cka"]),
             "kl_before": b["kl_to_teacher"], "kl_after": a["kl_to_teacher"],
             "sdft_steps": len(r["history"]), "recover_seconds": r["recover_seconds"],
         }
@@ -58,8 +76,8 @@ def summarize(teacher: dict, results: list[dict]) -> dict:
             xs, ys = [], []
             for row, r in usable:
                 al = r["after"]["align"]
-                cs = [c for c, tj in zip(al["cka"], al["layer_map"]) if tj == j]
-                if cs:
+                cs = [_num(c) for c, tj in zip(al["cka"], al["layer_map"]) if tj == j]
+                if cs and cs[0] is not None:
                     xs.append(cs[0])
                     ys.append(row["recovery_ppl"])
             per_layer.append({"teacher_layer": j, "n": len(xs),
@@ -74,6 +92,10 @@ def summarize(teacher: dict, results: list[dict]) -> dict:
 
 def _corr(x, y, correlate) -> dict:
     import math
+    pairs = [(a, b) for a, b in zip(x, y) if _num(a) is not None and _num(b) is not None]
+    if len(pairs) < 3:
+        return {"n": len(pairs), "note": "fewer than 3 runs with defined values: correlation undefined"}
+    x, y = [a for a, _ in pairs], [b for _, b in pairs]
     if len(set(x)) < 2 or len(set(y)) < 2:
         return {"n": len(x), "note": "constant input: correlation undefined"}
     c = {k: float(v) for k, v in correlate(x, y).items()}
@@ -91,8 +113,9 @@ def write_outputs(out: Path, cfg: dict, teacher: dict, results: list[dict], metr
     sio.atomic_write_text(out / "report.md", render_report(cfg, teacher, results, metrics, figs))
 
 
-def _f(v, fmt="{:.3f}"):
-    return "n/a" if v is None else fmt.format(v)
+def show(v, fmt="{:.3f}"):
+    """v formatted, or "n/a" when it is undefined (None / NaN)."""
+    return "n/a" if _num(v) is None else fmt.format(v)
 
 
 def render_report(cfg: dict, teacher: dict, results: list[dict], metrics: dict, figs: list[str]) -> str:
@@ -121,10 +144,10 @@ def render_report(cfg: dict, teacher: dict, results: list[dict], metrics: dict, 
                  "recovery (acc) | CKA before | CKA after | KL before | KL after |")
         L.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            L.append(f"| {r['spec']} | {_f(r['ppl_degraded'], '{:.2f}')} | {_f(r['ppl_recovered'], '{:.2f}')} | "
-                     f"{_f(r['recovery_ppl'], '{:.2f}')} | {_f(r['acc_degraded'])} | {_f(r['acc_recovered'])} | "
-                     f"{_f(r['recovery_acc'], '{:.2f}')} | {_f(r['cka_before'])} | {_f(r['cka_after'])} | "
-                     f"{_f(r['kl_before'], '{:.4f}')} | {_f(r['kl_after'], '{:.4f}')} |")
+            L.append(f"| {r['spec']} | {show(r['ppl_degraded'], '{:.2f}')} | {show(r['ppl_recovered'], '{:.2f}')} | "
+                     f"{show(r['recovery_ppl'], '{:.2f}')} | {show(r['acc_degraded'])} | {show(r['acc_recovered'])} | "
+                     f"{show(r['recovery_acc'], '{:.2f}')} | {show(r['cka_before'])} | {show(r['cka_after'])} | "
+                     f"{show(r['kl_before'], '{:.4f}')} | {show(r['kl_after'], '{:.4f}')} |")
     L.append("\n## Alignment vs recovery across runs\n")
     corr = metrics["correlation"]
     if not any(k.startswith("recovery_ppl~") for k in corr):
@@ -132,8 +155,8 @@ def render_report(cfg: dict, teacher: dict, results: list[dict], metrics: dict, 
                  "too few (need 3) for a correlation.\n")
     for k, c in corr.items():
         if isinstance(c, dict) and "pearson_r" in c:
-            L.append(f"- {k}: Pearson r = {_f(c.get('pearson_r'))} (p = {_f(c.get('pearson_p'), '{:.3g}')}), "
-                     f"Spearman rho = {_f(c.get('spearman_r'))} (p = {_f(c.get('spearman_p'), '{:.3g}')}), n = {c['n']}")
+            L.append(f"- {k}: Pearson r = {show(c.get('pearson_r'))} (p = {show(c.get('pearson_p'), '{:.3g}')}), "
+                     f"Spearman rho = {show(c.get('spearman_r'))} (p = {show(c.get('spearman_p'), '{:.3g}')}), n = {c['n']}")
         elif isinstance(c, dict) and "note" in c:
             L.append(f"- {k}: {c['note']}")
     L.append("\n## Remarks\n")
@@ -164,6 +187,8 @@ def _remarks(metrics: dict, results: list[dict]) -> list[str]:
         if row["kl_after"] >= row["kl_before"]:
             out.append(f"  SDFT did not reduce the held-out KL to the teacher ({row['kl_before']:.4f} -> "
                        f"{row['kl_after']:.4f}): more steps or a lower learning rate are needed.")
+        elif row["cka_after"] is None or row["cka_before"] is None:
+            out.append("  Mean CKA is undefined for this run (a zero-variance layer or too few tokens).")
         elif row["cka_after"] < row["cka_before"]:
             out.append(f"  CKA went down ({row['cka_before']:.3f} -> {row['cka_after']:.3f}) although SDFT "
                        "reduced the KL: the alignment did not follow the recovery here.")

@@ -160,7 +160,7 @@ def _structure_kept(record, student) -> dict:
 
 def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True, log=print) -> dict:
     """Run (or resume) the study into directory `out`; returns the metrics dict."""
-    from .report import summarize, write_outputs
+    from .report import show, summarize, write_outputs
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +191,7 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True, log=prin
         r = run_unit(ctx, spec, out, progress=progress)
         b, a = r["before"]["eval"]["perplexity"], r["after"]["eval"]["perplexity"]
         log(f"[study]   ppl {teacher['eval']['perplexity']:.2f} -> degraded {b:.2f} -> recovered {a:.2f}; "
-            f"CKA {r['before']['align']['mean_cka']:.3f} -> {r['after']['align']['mean_cka']:.3f}")
+            f"CKA {show(r['before']['align']['mean_cka'])} -> {show(r['after']['align']['mean_cka'])}")
         results.append(r)
     metrics = summarize(teacher, results)
     metrics["seconds_this_invocation"] = time.perf_counter() - t0
