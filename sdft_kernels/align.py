@@ -192,18 +192,24 @@ def align(teacher, student, token_ids: torch.Tensor, *, layer_map: Sequence[int]
     world = world or init_world()
     n_s, n_t = len(_layers(student)), len(_layers(teacher))
     layer_map = check_layer_map(layer_map, n_s, n_t)
-    if drop_first < 0 or drop_first >= token_ids.shape[1]:
+    drop_first = int_at_least(drop_first, "drop_first", 0)  # 1.5 dropped 2 positions and reported 1
+    if drop_first >= token_ids.shape[1]:
         raise ValueError(f"drop_first: expected 0 <= drop_first < block_len={token_ids.shape[1]}, "
                          f"got {drop_first}")
     if kernel not in (None, "linear", "rbf"):
         raise ValueError(f"kernel: expected None, 'linear' or 'rbf', got {kernel!r}")
     T = token_ids.shape[1]
     chunk_len = T if chunk_len is None else min(int_at_least(chunk_len, "chunk_len", 1), T)
-    # the heatmap's minibatch CKA needs more than 3 tokens per chunk (unbiased HSIC): say so before any work
-    per_chunk = min(batch_size, token_ids.shape[0]) * min(chunk_len, T - drop_first)
-    if heatmap and per_chunk <= 3:
-        raise ValueError(f"heatmap: minibatch CKA needs more than 3 tokens per chunk, but batch_size x chunk_len "
-                         f"(after drop_first) gives {per_chunk}; use larger chunks or heatmap=False")
+    # The heatmap's minibatch CKA needs more than 3 tokens per chunk (unbiased HSIC; smaller chunks are left
+    # out of it): at least one chunk must qualify, said before any work (not after every forward).
+    if heatmap:
+        heatmap_tokens = int_at_least(heatmap_tokens, "heatmap_tokens", 4)
+        kept = max(max(0, min(s + chunk_len, T) - max(s, drop_first)) for s in range(0, T, chunk_len))
+        per_chunk = min(batch_size, token_ids.shape[0]) * kept
+        if per_chunk <= 3:
+            raise ValueError(f"heatmap: minibatch CKA needs more than 3 tokens per chunk, but the largest chunk "
+                             f"keeps {per_chunk} (batch_size x chunk tokens after drop_first); use larger chunks "
+                             "or heatmap=False")
     if kernel is not None:
         kernel_tokens = int_at_least(kernel_tokens, "kernel_tokens", 1)
 
@@ -295,6 +301,10 @@ def measure_overhead(teacher, student, ids_1d: torch.Tensor, *, layer_map=None, 
     Both timings run the same chunked forwards of teacher and student; the aligned one adds the hooks
     and the CKA updates. Median of `repeats` after one warm-up. overhead = aligned / plain - 1.
     """
+    if not isinstance(ids_1d, torch.Tensor) or ids_1d.dtype != torch.long or ids_1d.dim() != 1:
+        raise TypeError(f"ids_1d: expected a 1-d LongTensor (one sequence), got {type(ids_1d).__name__} "
+                        f"{tuple(getattr(ids_1d, 'shape', ()))}")
+    repeats = int_at_least(repeats, "repeats", 1)
     ids = ids_1d.reshape(1, -1)
     T = ids.shape[1]
     chunk = T if chunk_len is None else min(int_at_least(chunk_len, "chunk_len", 1), T)

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 
-def _check_pos_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name}: expected a positive int, got {v!r}")
+def _check_pos_int(name, v) -> int:
+    from .checks import int_at_least
+    return int_at_least(v, name, 1)  # NumPy integers too; the error names the argument
 
 
 def _windows(n_tokens: int, window: int, stride: int):
@@ -49,20 +49,25 @@ def token_nll(model, token_ids_1d: torch.Tensor, window: int | None = None, stri
     n = token_ids_1d.numel()
     if n < 2:
         raise ValueError(f"token_ids_1d: need at least 2 tokens to score one, got {n}")
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    lo, hi = int(token_ids_1d.min()), int(token_ids_1d.max())
+    if lo < 0 or (vocab is not None and hi >= vocab):  # the embedding's IndexError names nothing
+        raise ValueError(f"token_ids_1d: expected ids in [0, {vocab}) (the model's vocabulary), got [{lo}, {hi}]")
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if window is None:
         window = min(n, max_pos or 1024, 1024)
-    _check_pos_int("window", window)
+    window = _check_pos_int("window", window)
     if window < 2:
         raise ValueError(f"window: expected >= 2 (one context token and one scored token), got {window}")
     if max_pos is not None and window > max_pos:
         raise ValueError(f"window: {window} exceeds the model's max_position_embeddings={max_pos}")
     if stride is None:
         stride = max(1, window // 2)
-    _check_pos_int("stride", stride)
+    stride = _check_pos_int("stride", stride)
     if stride > window:
         raise ValueError(f"stride: expected <= window ({window}) so no token is skipped, got {stride}")
-    _check_pos_int("batch_size", batch_size)
+    batch_size = _check_pos_int("batch_size", batch_size)
 
     dev = next(model.parameters()).device
     ids = token_ids_1d.long()

@@ -94,6 +94,20 @@ def test_bad_input(models):
         align(teacher, student, ids, drop_first=ids.shape[1])
     with pytest.raises(ValueError, match="kernel"):
         align(teacher, student, ids, kernel="poly")
+    for bad in (1.5, "2", -1):  # 1.5 dropped 2 positions and reported 1; "2" was a bare TypeError
+        with pytest.raises(ValueError, match="drop_first"):
+            align(teacher, student, ids, drop_first=bad)
+    for bad in (-1, 0, 3):  # -1 silently used all tokens but one; 0 and 3 failed mid-run naming xs
+        with pytest.raises(ValueError, match="heatmap_tokens"):
+            align(teacher, student, ids, heatmap_tokens=bad)
+    # every chunk keeps <= 3 tokens after drop_first ([0,4) none, [4,8) and [8,10) two): refused up front,
+    # not with a MinibatchCKA error after all the forwards
+    with pytest.raises(ValueError, match="heatmap: minibatch CKA needs more than 3 tokens"):
+        align(teacher, student, ids[:1, :10], chunk_len=4, drop_first=6)
+    with pytest.raises(TypeError, match="ids_1d"):  # 2-d ids were silently one long sequence
+        measure_overhead(teacher, student, ids, repeats=1)
+    with pytest.raises(ValueError, match="repeats"):
+        measure_overhead(teacher, student, ids[0], repeats=0)
 
 
 def test_student_sharing_block_modules_with_the_teacher(models):

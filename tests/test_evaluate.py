@@ -151,3 +151,14 @@ def test_spearman_p_is_exact_for_few_pairs():
     rho = stats.spearmanr(x, y).statistic  # brute force with scipy's statistic over all 720 orderings
     perm = [abs(stats.spearmanr(x, p).statistic) >= abs(rho) - 1e-12 for p in itertools.permutations(y)]
     assert correlate(x, y)["spearman_p"] == pytest.approx(np.mean(perm), abs=1e-12)
+
+
+def test_token_ids_out_of_the_vocabulary_name_the_argument():
+    from sdft_kernels.models import tiny_random_model
+    model, _ = tiny_random_model(num_layers=1, hidden_size=16, seed=0)
+    v = model.config.vocab_size
+    for bad in (torch.tensor([1, 2, v]), torch.tensor([1, -1, 2])):  # was the embedding's bare IndexError
+        with pytest.raises(ValueError, match="token_ids_1d: expected ids in"):
+            perplexity(model, bad)
+    ids = torch.randint(0, v, (20,), generator=torch.Generator().manual_seed(0))
+    assert perplexity(model, ids, window=np.int64(8)) == perplexity(model, ids, window=8)  # NumPy ints accepted
