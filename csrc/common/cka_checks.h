@@ -1,5 +1,5 @@
-// Input checks of the kernel_hsic_stats op, shared by its CPU and CUDA kernels (csrc/cpu/cka_tiled.cpp,
-// csrc/cuda/cka_tiled.cu): each names the argument and runs before any work starts.
+// Input checks of the CKA ops, shared by their CPU and CUDA kernels (csrc/cpu/cka_*.cpp, csrc/cuda/cka_*.cu):
+// each names the argument and runs before any work starts.
 #pragma once
 #include <optional>
 
@@ -16,6 +16,32 @@ inline void check_shift(const std::optional<at::Tensor>& s, const at::Tensor& x,
               ": expected a ", x.scalar_type(), " vector of length ", x.size(1), ", got ", s->scalar_type(), " ",
               s->sizes());
   check_same_device(x, "x", *s, name);
+}
+
+inline void check_f64_vec(const at::Tensor& v, int64_t len, const char* name) {
+  TORCH_CHECK(v.scalar_type() == at::kDouble && v.dim() == 1 && v.size(0) == len && v.is_contiguous(), name,
+              ": expected a contiguous float64 vector of length ", len, ", got ", v.scalar_type(), " ",
+              v.sizes());
+}
+
+// cka_comoment_merge_: acc [dx, dy] float64 (in place), raw [dx, dy] float32/float64, r_x, d_x [dx],
+// r_y, d_y [dy] float64, all on acc's device.
+inline void check_comoment_merge_inputs(const at::Tensor& acc, const at::Tensor& raw, const at::Tensor& r_x,
+                                        const at::Tensor& r_y, const at::Tensor& d_x, const at::Tensor& d_y,
+                                        bool upper) {
+  TORCH_CHECK(acc.scalar_type() == at::kDouble && acc.dim() == 2 && acc.is_contiguous(),
+              "acc: expected a contiguous 2-d float64 tensor, got ", acc.scalar_type(), " ", acc.sizes());
+  const int64_t dx = acc.size(0), dy = acc.size(1);
+  TORCH_CHECK(raw.dim() == 2 && raw.size(0) == dx && raw.size(1) == dy && raw.is_contiguous(),
+              "raw: expected a contiguous [", dx, ", ", dy, "] tensor, got ", raw.sizes());
+  TORCH_CHECK(raw.scalar_type() == at::kFloat || raw.scalar_type() == at::kDouble,
+              "raw: expected float32 or float64, got ", raw.scalar_type());
+  TORCH_CHECK(!upper || dx == dy, "upper: a mirrored self-moment must be square, got ", raw.sizes());
+  check_f64_vec(r_x, dx, "r_x");
+  check_f64_vec(r_y, dy, "r_y");
+  check_f64_vec(d_x, dx, "d_x");
+  check_f64_vec(d_y, dy, "d_y");
+  for (const at::Tensor* t : {&raw, &r_x, &r_y, &d_x, &d_y}) check_same_device(acc, "acc", *t, "raw/r/d");
 }
 
 inline void check_kernel_hsic_inputs(const at::Tensor& x, const at::Tensor& y, int64_t kernel, double gamma_x,

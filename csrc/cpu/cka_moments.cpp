@@ -10,19 +10,10 @@
 #include <algorithm>
 #include <vector>
 
-#include "common/checks.h"
+#include "common/cka_checks.h"
 #include "common/cka_math.h"
 
 namespace sdft {
-namespace {
-
-void check_vec(const at::Tensor& v, int64_t len, const char* name) {
-  TORCH_CHECK(v.scalar_type() == at::kDouble && v.dim() == 1 && v.size(0) == len && v.is_contiguous(), name,
-              ": expected a contiguous float64 vector of length ", len, ", got ", v.scalar_type(), " ",
-              v.sizes());
-}
-
-}  // namespace
 
 // acc: d_x x d_y float64 (updated in place); raw: d_x x d_y float32/float64 = sum_i u_i v_i^T of the
 // batch's shifted features; r_x [d_x], r_y [d_y]: batch mean minus shift; d_x [d_x], d_y [d_y]: mean of
@@ -31,19 +22,8 @@ void check_vec(const at::Tensor& v, int64_t len, const char* name) {
 void cka_comoment_merge_cpu(const at::Tensor& acc, const at::Tensor& raw, const at::Tensor& r_x,
                             const at::Tensor& r_y, double n_b, const at::Tensor& d_x, const at::Tensor& d_y,
                             double w, bool upper) {
-  TORCH_CHECK(acc.scalar_type() == at::kDouble && acc.dim() == 2 && acc.is_contiguous(),
-              "acc: expected a contiguous 2-d float64 tensor, got ", acc.scalar_type(), " ", acc.sizes());
+  check_comoment_merge_inputs(acc, raw, r_x, r_y, d_x, d_y, upper);
   const int64_t dx = acc.size(0), dy = acc.size(1);
-  TORCH_CHECK(raw.dim() == 2 && raw.size(0) == dx && raw.size(1) == dy && raw.is_contiguous(),
-              "raw: expected a contiguous [", dx, ", ", dy, "] tensor, got ", raw.sizes());
-  TORCH_CHECK(raw.scalar_type() == at::kFloat || raw.scalar_type() == at::kDouble,
-              "raw: expected float32 or float64, got ", raw.scalar_type());
-  TORCH_CHECK(!upper || dx == dy, "upper: a mirrored self-moment must be square, got ", raw.sizes());
-  check_vec(r_x, dx, "r_x");
-  check_vec(r_y, dy, "r_y");
-  check_vec(d_x, dx, "d_x");
-  check_vec(d_y, dy, "d_y");
-  for (const at::Tensor* t : {&raw, &r_x, &r_y, &d_x, &d_y}) check_same_device(acc, "acc", *t, "raw/r/d");
   double* a = acc.data_ptr<double>();
   const double *rx = r_x.data_ptr<double>(), *ry = r_y.data_ptr<double>();
   const double *ddx = d_x.data_ptr<double>(), *ddy = d_y.data_ptr<double>();

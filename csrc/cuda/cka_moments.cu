@@ -11,7 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "common/checks.h"
+#include "common/cka_checks.h"
 #include "common/cka_math.h"
 
 namespace sdft {
@@ -98,22 +98,8 @@ int grid_for(int64_t count) {
 void cka_comoment_merge_cuda(const at::Tensor& acc, const at::Tensor& raw, const at::Tensor& r_x,
                              const at::Tensor& r_y, double n_b, const at::Tensor& d_x, const at::Tensor& d_y,
                              double w, bool upper) {
-  // acc: dx x dy float64 (in place); raw: dx x dy float32/float64; r_x, d_x: [dx]; r_y, d_y: [dy] float64.
-  TORCH_CHECK(acc.scalar_type() == at::kDouble && acc.dim() == 2 && acc.is_contiguous(),
-              "acc: expected a contiguous 2-d float64 tensor, got ", acc.scalar_type(), " ", acc.sizes());
+  check_comoment_merge_inputs(acc, raw, r_x, r_y, d_x, d_y, upper);
   const int64_t rows = acc.size(0), cols = acc.size(1);
-  TORCH_CHECK(raw.dim() == 2 && raw.size(0) == rows && raw.size(1) == cols && raw.is_contiguous(),
-              "raw: expected a contiguous [", rows, ", ", cols, "] tensor, got ", raw.sizes());
-  TORCH_CHECK(raw.scalar_type() == at::kFloat || raw.scalar_type() == at::kDouble,
-              "raw: expected float32 or float64, got ", raw.scalar_type());
-  TORCH_CHECK(!upper || rows == cols, "upper: a mirrored self-moment must be square, got ", raw.sizes());
-  for (auto* v : {&r_x, &d_x})
-    TORCH_CHECK(v->scalar_type() == at::kDouble && v->numel() == rows && v->is_contiguous(),
-                "r_x/d_x: expected contiguous float64 vectors of length ", rows);
-  for (auto* v : {&r_y, &d_y})
-    TORCH_CHECK(v->scalar_type() == at::kDouble && v->numel() == cols && v->is_contiguous(),
-                "r_y/d_y: expected contiguous float64 vectors of length ", cols);
-  for (const at::Tensor* t : {&raw, &r_x, &r_y, &d_x, &d_y}) check_same_device(acc, "acc", *t, "raw/r/d");
   if (acc.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(acc.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
