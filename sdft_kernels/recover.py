@@ -225,7 +225,7 @@ class RecoverResult:
     history: list = field(default_factory=list)     # one dict per step
     trajectory: list = field(default_factory=list)  # CKA per layer at step 0 and every checkpoint
     resumed_from: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # training time of all invocations up to the last step (checkpoints carry it)
 
 
 def _run_fingerprint(student, train_ids: torch.Tensor) -> dict:
@@ -292,7 +292,7 @@ def recover(teacher, student, train_ids: torch.Tensor, config: RecoverConfig | N
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
 
     res = RecoverResult(student=student)
-    start = 0
+    start, seconds_before = 0, 0.0
     run_id = _run_fingerprint(student, train_ids)
     if ckpt_path is not None and ckpt_path.exists():
         ck = sio.torch_load(ckpt_path)
@@ -311,6 +311,7 @@ def recover(teacher, student, train_ids: torch.Tensor, config: RecoverConfig | N
         sched.load_state_dict(ck["scheduler"])
         _set_rng_state(ck["rng"])
         start, res.history, res.trajectory = ck["step"], ck["history"], ck["trajectory"]
+        seconds_before = float(ck.get("seconds", 0.0))
         res.resumed_from = start
     if world.is_main and metrics_path is not None:  # what the checkpoint holds (nothing at step 0):
         sio.atomic_write_jsonl(metrics_path, res.history)  # steps logged after it are redone
@@ -336,7 +337,8 @@ def recover(teacher, student, train_ids: torch.Tensor, config: RecoverConfig | N
             sio.atomic_torch_save({"step": step, "model": state, "optimizer": opt_state,
                                    "scheduler": sched.state_dict(), "rng": _rng_state(),
                                    "history": res.history, "trajectory": res.trajectory,
-                                   "config": dataclasses.asdict(cfg), "run": run_id}, ckpt_path)
+                                   "config": dataclasses.asdict(cfg), "run": run_id,
+                                   "seconds": seconds_before + time.perf_counter() - t0}, ckpt_path)
         barrier(world)
 
     if start == 0 and not res.trajectory:
@@ -394,7 +396,7 @@ def recover(teacher, student, train_ids: torch.Tensor, config: RecoverConfig | N
             mfile.close()
     student.eval()
     res.student = student
-    res.seconds = time.perf_counter() - t0
+    res.seconds = seconds_before + time.perf_counter() - t0
     return res
 
 
