@@ -211,7 +211,7 @@ def align(teacher, student, token_ids: torch.Tensor, *, layer_map: Sequence[int]
                              f"keeps {per_chunk} (batch_size x chunk tokens after drop_first); use larger chunks "
                              "or heatmap=False")
     if kernel is not None:
-        kernel_tokens = int_at_least(kernel_tokens, "kernel_tokens", 1)
+        kernel_tokens = int_at_least(kernel_tokens, "kernel_tokens", 4)  # fewer give a NaN CKA
 
     pairs = [(i, j) for i, j in enumerate(layer_map)]
     lin = LinearCKA(pairs=pairs)

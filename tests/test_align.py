@@ -108,6 +108,8 @@ def test_bad_input(models):
         measure_overhead(teacher, student, ids, repeats=1)
     with pytest.raises(ValueError, match="repeats"):
         measure_overhead(teacher, student, ids[0], repeats=0)
+    with pytest.raises(ValueError, match="kernel_tokens"):  # 1 token passed and gave a NaN CKA
+        align(teacher, student, ids, kernel="rbf", kernel_tokens=1)
 
 
 def test_student_sharing_block_modules_with_the_teacher(models):
