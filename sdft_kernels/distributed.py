@@ -373,16 +373,25 @@ def save_checkpoint(path, world: World, model: torch.nn.Module,
     states. The file holds full (unsharded) tensors, so it resumes on any number of ranks.
     Returns the path. Ends with a barrier, so no rank races ahead of the file.
     """
+    import io
     import pathlib
+    from .io import atomic_torch_save
     path = pathlib.Path(path)
+    # load_checkpoint reads with weights_only=True: refuse (before any work) what it could not read back,
+    # e.g. NumPy scalars or RNG states, instead of writing a checkpoint that can never be resumed
+    buf = io.BytesIO()
+    torch.save(extra or {}, buf)
+    buf.seek(0)
+    try:
+        torch.load(buf, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"extra: holds values a weights_only load cannot read back (use Python numbers, strings, "
+                         f"lists, dicts and tensors; e.g. int(np_value), torch.tensor(rng_state)): {e}") from None
     model_state, optim_state = full_state(model, world, optimizer)
     if world.is_main:
         payload = {"format": _CKPT_FORMAT, "world_size": world.world_size, "model": model_state,
                    "optimizer": optim_state, "extra": extra or {}}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        atomic_torch_save(payload, path)  # temp file removed on failure, fsynced, then renamed
     barrier(world)
     return path
 

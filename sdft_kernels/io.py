@@ -32,14 +32,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` atomically (temp file in the same directory, fsync, os.replace)."""
+def atomic_write_stream(path: str | os.PathLike, write) -> Path:
+    """Write `path` atomically through write(binary_file): a temp file in the same directory, fsync,
+    os.replace; the temp file is removed on any failure (an exception or a kill leaves the old file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -49,6 +50,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write_stream(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -103,9 +108,7 @@ def atomic_write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]],
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_stream(path, lambda f: torch.save(obj, f))  # streamed: no second copy in memory
 
 
 def torch_load(path: str | os.PathLike) -> Any:

@@ -296,11 +296,16 @@ def recover(teacher, student, train_ids: torch.Tensor, config: RecoverConfig | N
     run_id = _run_fingerprint(student, train_ids)
     if ckpt_path is not None and ckpt_path.exists():
         ck = sio.torch_load(ckpt_path)
-        saved = {k: v for k, v in ck["config"].items() if k not in ("checkpoint_every",)}
-        now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("checkpoint_every",)}
+        # how often to checkpoint and how ranks wrap the model (a full-state checkpoint resumes under
+        # either strategy) do not change the run; every other setting must match
+        free = ("checkpoint_every", "strategy")
+        saved = {k: v for k, v in ck["config"].items() if k not in free}
+        now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}
         if saved != now:
-            raise ValueError(f"out_dir: {out_dir} holds a checkpoint of a different config; use a new "
-                             "directory or delete it")
+            diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+            raise ValueError(f"out_dir: {out_dir} holds a checkpoint of a different config ("
+                             + ", ".join(f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in diff)
+                             + "); use a new directory or delete it")
         for key, what in (("train_ids", "training blocks (--text, --block-len, --max-blocks)"),
                           ("student", "student architecture")):
             if key in ck.get("run", {}) and ck["run"][key] != run_id[key]:

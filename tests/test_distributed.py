@@ -262,6 +262,19 @@ def test_shard_covers_every_item_once():
                     assert [i for p in parts for i in p] == list(range(n))
 
 
+def test_checkpoint_extra_that_cannot_be_read_back_is_refused(tmp_path):
+    # load_checkpoint reads weights_only: a NumPy scalar in extra saved fine and could never be resumed
+    import numpy as np
+    world = D.single_process_world("cpu")
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="extra: "):
+        D.save_checkpoint(tmp_path / "c.pt", world, model, extra={"step": np.int64(3)})
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temp file left behind
+    D.save_checkpoint(tmp_path / "c.pt", world, model, extra={"step": 3})
+    assert D.load_checkpoint(tmp_path / "c.pt", world, model) == {"step": 3}
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
 def test_single_process_world_and_bad_input(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)

@@ -1,6 +1,7 @@
 """SDFT recovery: it reduces the divergence to the teacher and the perplexity of a degraded model,
 a resumed run is bit-identical to an uninterrupted one, and compressed students stay compressed."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -89,6 +90,15 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     # a checkpoint of other training blocks is not resumed as if it were this run
     with pytest.raises(ValueError, match="train_ids: .*other training blocks"):
         recover(teacher, copy.deepcopy(degraded), train[:-1], cfg, out_dir=tmp_path / "b", progress=False)
+    # other settings are named; the wrapping strategy is free (a full-state checkpoint resumes under either)
+    with pytest.raises(ValueError, match="lr: 0.001 there, 0.002 now"):
+        recover(teacher, copy.deepcopy(degraded), train, dataclasses.replace(cfg, lr=2e-3), out_dir=tmp_path / "b",
+                progress=False)
+    recover(teacher, copy.deepcopy(degraded), train, dataclasses.replace(cfg, steps=4), out_dir=tmp_path / "d",
+            progress=False, stop_after=2)
+    d = recover(teacher, copy.deepcopy(degraded), train, dataclasses.replace(cfg, strategy="fsdp"),
+                out_dir=tmp_path / "d", progress=False)
+    assert d.resumed_from == 2 and [h["loss"] for h in d.history] == [h["loss"] for h in a.history]
     # a quantized student stays quantized: QuantLinear layers, weights on their 2-bit grids
     qs = [m for m in b.student.modules() if isinstance(m, QuantLinear)]
     assert len(qs) == len([m for m in degraded.modules() if isinstance(m, QuantLinear)]) > 0
