@@ -98,7 +98,7 @@ def finetune(student, tokenizer, examples, responses, cfg: SFTConfig | None = No
     rng = random.Random(cfg.seed)
     order, losses = [], []
     for _ in range(cfg.steps):
-        if len(order) < cfg.batch_size:
+        while len(order) < cfg.batch_size:  # (an `if` left batches short with fewer examples than batch_size)
             perm = list(range(len(examples)))
             rng.shuffle(perm)
             order += perm
