@@ -77,7 +77,8 @@ class _Outputs(list):
 def capture_layer_outputs(model):
     """Context manager yielding a list that each forward fills with every decoder block's output
     (detached, in order) while its `active` attribute is True. The caller reduces and clears it after
-    each forward."""
+    each forward. Block i's output is Hugging Face's output_hidden_states[i + 1] except for the last
+    block: HF's hidden_states[-1] is taken after the final norm, this is the block's raw output."""
     buf = _Outputs()
 
     def hook(_module, _inputs, output):

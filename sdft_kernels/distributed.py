@@ -105,6 +105,8 @@ def init_world(backend: str | None = None, *, device=None, timeout_s: float = 18
     if world_size < 1:
         raise ValueError(f"environment variable WORLD_SIZE must be >= 1, got {world_size}")
     if world_size == 1:
+        if rank not in (None, 0):
+            raise ValueError(f"environment has RANK={rank} but WORLD_SIZE=1 (ranks are 0..WORLD_SIZE-1)")
         return single_process_world(device)
 
     local_rank = _env_int("LOCAL_RANK")

@@ -304,6 +304,10 @@ def test_single_process_world_and_bad_input(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE"):
         D.init_world("gloo")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "5")  # was silently a single-process world
+    with pytest.raises(ValueError, match="RANK=5 but WORLD_SIZE=1"):
+        D.init_world("gloo")
     with pytest.raises(ValueError, match="is_main"):
         D.World(rank=1, world_size=2, is_distributed=True, is_main=True)
     with pytest.raises(ValueError, match="strategy='none'"):
