@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from .checks import int_at_least
+from .checks import ids_in_vocab, int_at_least
 from .distributed import World, init_world, shard
 
 
@@ -123,12 +123,8 @@ def _check_ids(token_ids, *models) -> torch.Tensor:
                         f"{tuple(getattr(token_ids, 'shape', ()))}")
     if token_ids.numel() == 0:
         raise ValueError("token_ids: no tokens to align on (empty text?)")
-    lo, hi = int(token_ids.min()), int(token_ids.max())
     for name, m in zip(("teacher", "student"), models):
-        vocab = unwrap(m).get_input_embeddings().num_embeddings
-        if lo < 0 or hi >= vocab:
-            raise ValueError(f"token_ids: expected ids in [0, {vocab}) (the {name}'s vocabulary), got "
-                             f"[{lo}, {hi}]")
+        ids_in_vocab(token_ids, unwrap(m).get_input_embeddings().num_embeddings, "token_ids", f"the {name}'s")
     return token_ids
 
 

@@ -134,7 +134,7 @@ def _check_products_fit(feats, shifts, n, names):
     """Refuse, before any state changes, a batch whose co-moment products could overflow their dtype
     (float32 past 3.4e38 merged infinities into the accumulated state for good): an entry of u_a^T u_b
     sums n products of shifted features, each at most (max|x| + max|shift|)^2. One sync for all layers."""
-    bounds = torch.stack([torch.stack([f.max(), -f.min()]).max() + s.abs().max() for f, s in zip(feats, shifts)])
+    bounds = torch.stack([torch.stack(torch.aminmax(f)).abs().max() + s.abs().max() for f, s in zip(feats, shifts)])
     for name, f, b in zip(names, feats, bounds.double().tolist()):
         if n * b * b > torch.finfo(f.dtype).max / 8:
             raise ValueError(f"{name}: activations of magnitude {b:.3g} over {n} tokens can overflow the "
@@ -683,10 +683,9 @@ def _median_d2(x: torch.Tensor, pilot: int = 1024, seed: int = 0) -> float:
     return float(np.median(vals)) if vals.size else 0.0
 
 
-def _median_sigma(x: torch.Tensor, med_d2: float | None = None) -> float:
-    """The median heuristic's RBF bandwidth: the median pairwise distance on the pilot subsample (its
-    squared value med_d2 when already known)."""
-    sigma = math.sqrt(_median_d2(x) if med_d2 is None else med_d2)
+def _median_sigma(x: torch.Tensor) -> float:
+    """The median heuristic's RBF bandwidth: the median pairwise distance on the pilot subsample."""
+    sigma = math.sqrt(_median_d2(x))
     if not sigma > 0:
         raise ValueError("sigma: the median heuristic found a zero median distance (constant features); "
                          "pass sigma explicitly")
@@ -727,9 +726,9 @@ def _kernel_inputs(x, y, kernel, sigma, tile, mask, unbiased):
     gammas, minus_one = [0.0, 0.0], [False, False]
     if kernel == "rbf":
         for i, (s, t) in enumerate(zip(sig, (x, y))):
-            if s is None:  # the median heuristic's 1024-token pilot
-                med = _median_d2(t)
-                s = _median_sigma(t, med)
+            if s is None:  # the median heuristic's 1024-token pilot; sigma^2 is the median squared distance
+                s = _median_sigma(t)
+                med = s * s
             else:  # only the rough size of the distances is needed below: their mean square, 2 sum var,
                 # over <= ~1024 strided rows (var over all of them copied the whole [n, d] tensor)
                 med, s = 2.0 * float(t[::max(1, t.shape[0] // 1024)].var(dim=0).sum()), float(s)

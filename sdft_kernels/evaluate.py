@@ -17,10 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-def _check_pos_int(name, v) -> int:
-    from .checks import int_at_least
-    return int_at_least(v, name, 1)  # NumPy integers too; the error names the argument
+from .checks import ids_in_vocab, int_at_least
 
 
 def _windows(n_tokens: int, window: int, stride: int):
@@ -50,24 +47,22 @@ def token_nll(model, token_ids_1d: torch.Tensor, window: int | None = None, stri
     if n < 2:
         raise ValueError(f"token_ids_1d: need at least 2 tokens to score one, got {n}")
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    vocab = getattr(emb, "num_embeddings", None)
-    lo, hi = int(token_ids_1d.min()), int(token_ids_1d.max())
-    if lo < 0 or (vocab is not None and hi >= vocab):  # the embedding's IndexError names nothing
-        raise ValueError(f"token_ids_1d: expected ids in [0, {vocab}) (the model's vocabulary), got [{lo}, {hi}]")
+    if getattr(emb, "num_embeddings", None) is not None:
+        ids_in_vocab(token_ids_1d, emb.num_embeddings, "token_ids_1d")
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if window is None:
         window = min(n, max_pos or 1024, 1024)
-    window = _check_pos_int("window", window)
+    window = int_at_least(window, "window", 1)
     if window < 2:
         raise ValueError(f"window: expected >= 2 (one context token and one scored token), got {window}")
     if max_pos is not None and window > max_pos:
         raise ValueError(f"window: {window} exceeds the model's max_position_embeddings={max_pos}")
     if stride is None:
         stride = max(1, window // 2)
-    stride = _check_pos_int("stride", stride)
+    stride = int_at_least(stride, "stride", 1)
     if stride > window:
         raise ValueError(f"stride: expected <= window ({window}) so no token is skipped, got {stride}")
-    batch_size = _check_pos_int("batch_size", batch_size)
+    batch_size = int_at_least(batch_size, "batch_size", 1)
 
     dev = next(model.parameters()).device
     ids = token_ids_1d.long()

@@ -293,7 +293,7 @@ def recover(teacher, student, train_ids: torch.Tensor, config: RecoverConfig | N
 
     res = RecoverResult(student=student)
     start, seconds_before = 0, 0.0
-    run_id = _run_fingerprint(student, train_ids)
+    run_id = _run_fingerprint(student, train_ids) if ckpt_path is not None else None  # (checkpoints only)
     if ckpt_path is not None and ckpt_path.exists():
         ck = sio.torch_load(ckpt_path)
         # how often to checkpoint and how ranks wrap the model (a full-state checkpoint resumes under

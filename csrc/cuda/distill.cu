@@ -76,7 +76,9 @@ __global__ void __launch_bounds__(kBlock) distill_dense_kernel(
     if (tid == 0) loss[row] = nan;
     return;
   }
-  // (x / T - max) - log(sum), as on the CPU: rounding max + log(sum) would shift every log-prob by an ulp of |max|.
+  // (x / T - max) - log(sum): rounding max + log(sum) would shift every log-prob by an ulp of |max|. (The CPU
+  // kernel keeps one FMA per element and corrects the row's loss by that rounding instead; in this
+  // memory-bound kernel the extra subtraction is free.)
   const acc_t lzs = ::log(zs), lzu = ::log(zu);
   const acc_t gs = W ? it * W[row] : it;  // gradient scale: 1/T times the row's weight
   // Pass 2: loss terms (+ forward-KL gradient).

@@ -234,13 +234,12 @@ def valid_rows(lead, vocab, device, labels, ignore_index, mask) -> torch.Tensor:
                              f"got {tuple(labels.shape)}")
         if labels.device != device:
             raise ValueError(f"labels: expected a tensor on {device}, got one on {labels.device}")
-        keep = (labels != ignore_index) & valid  # a label under mask False is never read: not checked
+        valid = valid & (labels != ignore_index)  # a label under mask False is never read: not checked
         if not torch.compiler.is_compiling():  # data-dependent check: eager only
-            bad = keep & ((labels < 0) | (labels >= vocab))
+            bad = valid & ((labels < 0) | (labels >= vocab))
             if bool(bad.any()):
                 raise ValueError(f"labels: expected values in [0, {vocab}) or ignore_index={ignore_index}, "
                                  f"got {labels[bad].flatten()[0].item()}")
-        valid = keep
     return valid.reshape(-1)
 
 
