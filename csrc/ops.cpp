@@ -36,7 +36,8 @@ TORCH_LIBRARY(sdft_kernels, m) {
   // ---- CKA (csrc/cpu/cka*.cpp, csrc/cuda/cka*.cu) ----
   // (section owned by the CKA kernels)
   // Chan merge of one batch's shifted co-moment `raw` [dx, dy] into the float64 accumulator `acc`;
-  // upper=True: raw is a self-moment of which only the upper triangle was computed (read it mirrored).
+  // upper=True: raw is a self-moment of which only the upper triangle was computed; only acc's upper
+  // triangle is merged (its lower one is left as it was).
   m.def("cka_comoment_merge_(Tensor(a!) acc, Tensor raw, Tensor r_x, Tensor r_y, float n_b, Tensor d_x, "
         "Tensor d_y, float w, bool upper=False) -> ()");
   // U-centring, in place, of a contiguous stack of Gram matrices [L, b, b] (zero diagonal; unbiased

@@ -145,7 +145,7 @@ def _self_moment(u, blocks=8, out=None):
     """(m, upper): u^T u from the upper block triangle of GEMMs only (the result is symmetric): 36/64 of
     a full GEMM's flops with 8 column blocks (4 blocks, 10/16, were 30-40 ms slower over the 96
     self-moments of the 12-pair d=768 benchmark). upper=True means only m's upper triangle is valid
-    (the rest of `out`, if given, is left as it was; the merge op reads the upper triangle mirrored).
+    (the rest of `out`, if given, is left as it was; the merge op then merges the upper triangle only).
     Narrow layers use one full GEMM."""
     d = u.shape[1]
     if out is None:
@@ -236,6 +236,7 @@ class LinearCKA:
         self.widths = None  # {"x": [d_i], "y": [d_j]}
         self.n = 0.0
         self.mean, self.mom, self.ext = {}, {}, {}
+        self._stale = set()  # self-moment keys whose lower triangle lags (merged upper-only; see _symmetrise)
         self._raw_bufs = {}  # scratch for one batch's co-moment products, reused (not part of the state)
         self._pool = {}  # scratch: free shifted-feature buffers by (shape, dtype, device), reused across batches
         return self
@@ -314,6 +315,15 @@ class LinearCKA:
             self._merge(float(n), mean, raw, r, ext if self.debiased else None, tr, fx[0].device)
         return self
 
+    def _symmetrise(self):
+        """Mirror the upper triangles of the self-moments merged upper-only into their lower ones. Batches
+        merge a wide layer's self-moment as its upper triangle alone (half the GEMM flops, and a merge
+        along rows); everything that reads a whole accumulator calls this first, once, not per batch."""
+        for k in self._stale:
+            m = self.mom[k]
+            m.copy_(torch.triu(m) + torch.triu(m, 1).mT)
+        self._stale.clear()
+
     def _take(self, shape, dtype, device):
         bufs = self._pool.get((tuple(shape), dtype, device))
         return bufs.pop() if bufs else torch.empty(shape, dtype=dtype, device=device)
@@ -326,6 +336,8 @@ class LinearCKA:
         dicts mean_q, r_q, ext_q and tr_q may be filled by mom_q itself: a layer's entries (a key's, for
         ext_q) must exist once mom_q has returned for the first key that uses it."""
         layers, moms = self._keys()
+        if self.debiased:  # the debiasing statistics are re-centred with the whole accumulated moments
+            self._symmetrise()
         n_p = self.n
         n = n_p + n_q
         if n_p == 0:
@@ -366,6 +378,8 @@ class LinearCKA:
             raw = raw if raw.dtype in (torch.float32, torch.float64) else raw.float()
             _k.comoment_merge_(self.mom[k], raw.contiguous(), rx, ry, n_q, self.mean[a] - mean_q[a],
                                self.mean[b] - mean_q[b], w, upper)
+            if upper:
+                self._stale.add(k)
         if self.debiased:
             self.ext = new_ext
         self.mean = new_mean
@@ -390,6 +404,7 @@ class LinearCKA:
             raise RuntimeError("LinearCKA.compute: no tokens accumulated yet (call update first)")
         if self.debiased and self.n <= 3:
             raise RuntimeError(f"LinearCKA.compute: the debiased estimator needs more than 3 tokens, got {self.tokens}")
+        self._symmetrise()
         h = {k: self._hsic_terms(k) for k in self._keys()[1]}  # each self-HSIC once, however many pairs use it
         out = []
         for i, j in self.pairs:
@@ -405,6 +420,7 @@ class LinearCKA:
     # ---- exact merging across objects and processes
     def state_dict(self) -> dict:
         """A snapshot (copies: the accumulators are updated in place by later updates)."""
+        self._symmetrise()
         return {"pairs": self.pairs, "widths": self.widths, "debiased": self.debiased,
                 "drop_first": self.drop_first, "n": self.n, "mean": _copies(self.mean), "mom": _copies(self.mom),
                 "ext": {k: [t.clone() for t in v] for k, v in self.ext.items()}}
@@ -414,6 +430,7 @@ class LinearCKA:
         self.widths, self.debiased = state["widths"], bool(state["debiased"])
         self.drop_first, self.n = int(state["drop_first"]), float(state["n"])
         self.mean, self.mom = _copies(state["mean"]), _copies(state["mom"])
+        self._stale = set()
         self.ext = {k: tuple(t.clone() for t in v) for k, v in state["ext"].items()}
         return self
 
@@ -437,6 +454,8 @@ class LinearCKA:
         self._compatible(other)
         if other.n == 0:
             return self
+        self._symmetrise()
+        other._symmetrise()
         if self.widths is None:
             self.pairs, self.widths = list(other.pairs), other.widths
         tr = ({a: torch.diagonal(other.mom[f"{a}|{a}"]).sum() for a in other.mean} if self.debiased else None)
@@ -445,6 +464,7 @@ class LinearCKA:
         return self
 
     def _flat(self):
+        self._symmetrise()
         layers, moms = self._keys()
         parts = [self.mean[a] for a in layers] + [self.mom[k].reshape(-1) for k in moms]
         if self.debiased:

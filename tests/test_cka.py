@@ -228,17 +228,25 @@ def test_cuda_linear_and_minibatch_match_cpu(debiased):
 
 @pytest.mark.parametrize("debiased", [False, True])
 def test_wide_layers_symmetric_half_gemm_path(debiased):
-    # width >= 256 takes the upper-block-triangle self-moment path (the merge op mirrors it)
+    # width >= 256 takes the upper-block-triangle self-moment path: batches merge the upper triangle
+    # only, and whatever reads a whole accumulator (state_dict, merge, compute) mirrors it first
     x = _acts(90, 300, 7, offset=20.0)
     y = _related(x, 260, 8)
-    m = LinearCKA(debiased=debiased)
-    for lo, hi in ((0, 31), (31, 61), (61, 90)):
-        m.update([x[lo:hi]], [y[lo:hi]])
+    xc = x.numpy() - x.numpy().mean(0)
+
+    def fed(parts):
+        m = LinearCKA(debiased=debiased)
+        for lo, hi in parts:
+            m.update([x[lo:hi]], [y[lo:hi]])
+        return m
+    m = fed(((0, 31), (31, 61), (61, 90)))
+    np.testing.assert_allclose(m.state_dict()["mom"]["x0|x0"].numpy(), xc.T @ xc, rtol=1e-10, atol=1e-8)
     f = R.linear_cka_debiased if debiased else R.linear_cka
     assert abs(m.compute().item() - f(x, y)) < 1e-12
-    xx = m.mom["x0|x0"].numpy()
-    xc = x.numpy() - x.numpy().mean(0)
-    np.testing.assert_allclose(xx, xc.T @ xc, rtol=1e-10, atol=1e-8)
+    np.testing.assert_allclose(m.mom["x0|x0"].numpy(), xc.T @ xc, rtol=1e-10, atol=1e-8)
+    merged = fed(((0, 40),)).merge(fed(((40, 70), (70, 90))))
+    np.testing.assert_allclose(merged.mom["x0|x0"].numpy(), xc.T @ xc, rtol=1e-10, atol=1e-8)
+    assert abs(merged.compute().item() - f(x, y)) < 1e-12
 
 
 def test_minibatch_large_batch_upper_gram_path_and_ucentre_upper():

@@ -28,8 +28,8 @@ __global__ void comoment_merge_kernel(double* __restrict__ acc, const scalar_t* 
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = e / cols, j = e - i * cols;
-    const scalar_t v = (upper && j < i) ? raw[j * cols + i] : raw[e];  // lower triangle: mirror of upper
-    acc[e] = cka::chan_comoment(acc[e], static_cast<double>(v), rx[i], ry[j], n_b, dx[i], dy[j], w);
+    if (upper && j < i) continue;  // a self-moment's lower triangle is left as it was (as on CPU)
+    acc[e] = cka::chan_comoment(acc[e], static_cast<double>(raw[e]), rx[i], ry[j], n_b, dx[i], dy[j], w);
   }
 }
 

@@ -16,7 +16,8 @@ KERNELS = {"linear": 0, "rbf": 1}
 def comoment_merge_(acc: torch.Tensor, raw: torch.Tensor, r_x: torch.Tensor, r_y: torch.Tensor, n_b: float,
                     d_x: torch.Tensor, d_y: torch.Tensor, w: float, upper: bool = False) -> None:
     """acc += (raw - n_b r_x r_y^T) + w d_x d_y^T, in float64 (Chan's parallel co-moment merge).
-    upper=True: raw is symmetric and only its upper triangle holds values (the lower one is read mirrored)."""
+    upper=True: raw is a self-moment of which only the upper triangle holds values; only acc's upper
+    triangle is merged (its lower one is left as it was: mirror it once the whole matrix is needed)."""
     _ops.cka_comoment_merge_.default(acc, raw, r_x, r_y, float(n_b), d_x, d_y, float(w), bool(upper))
 
 
