@@ -158,6 +158,11 @@ def _self_moment(u, blocks=8, out=None):
     return out, True
 
 
+def _from_upper(m):
+    """The symmetric matrix whose upper triangle is m's (m's lower triangle is ignored)."""
+    return torch.triu(m) + torch.triu(m, 1).mT
+
+
 def _copies(tensors: dict) -> dict:
     return {k: None if t is None else t.clone() for k, t in tensors.items()}
 
@@ -321,7 +326,7 @@ class LinearCKA:
         along rows); everything that reads a whole accumulator calls this first, once, not per batch."""
         for k in self._stale:
             m = self.mom[k]
-            m.copy_(torch.triu(m) + torch.triu(m, 1).mT)
+            m.copy_(_from_upper(m))
         self._stale.clear()
 
     def _take(self, shape, dtype, device):
@@ -361,7 +366,7 @@ class LinearCKA:
             if self.debiased:
                 cq = raw.double()
                 if upper:
-                    cq = torch.triu(cq) + torch.triu(cq, 1).T
+                    cq = _from_upper(cq)
                 if r_q is not None:
                     cq = cq - n_q * torch.outer(r_q[a], r_q[b])
                 sq = _shift_extras(*ext_q[k], cq, tr_q[a], tr_q[b], n_q, mean_q[a] - new_mean[a],
