@@ -40,6 +40,12 @@ TORCH_LIBRARY(sdft_kernels, m) {
   // triangle is merged (its lower one is left as it was).
   m.def("cka_comoment_merge_(Tensor(a!) acc, Tensor raw, Tensor r_x, Tensor r_y, float n_b, Tensor d_x, "
         "Tensor d_y, float w, bool upper=False) -> ()");
+  // The passes over each layer's features x [n, d] (float32/float64/bf16/fp16, unit column stride)
+  // (csrc/cpu/cka_columns.cpp; CUDA: torch composites in sdft_kernels/ops/cka.py):
+  // (float64 column sums [d], float64 max |x| []) in one read; NaN/Inf make their column's sum non-finite.
+  m.def("cka_column_stats(Tensor x) -> (Tensor, Tensor)");
+  // out [n, d] (float32/float64) = x - shift (shift [d] in out's dtype); returns out's float64 column sums.
+  m.def("cka_shift(Tensor x, Tensor shift, Tensor(a!) out) -> Tensor");
   // U-centring, in place, of a contiguous stack of Gram matrices [L, b, b] (zero diagonal; unbiased
   // HSIC = <U(K),U(L)>/(b(b-3))); upper=True: only the upper triangles are valid on input (read
   // mirrored); on output the matrices are full.

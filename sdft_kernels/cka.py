@@ -59,11 +59,11 @@ def _keep_index(shape, mask, drop_first, device):
 
 
 def _tokens(acts: list, name: str, shape, idx, single=False):
-    """Flatten each layer to [n_kept, d] in float32 (float64 stays float64), after validating it.
-    Returns (features, approximate column means in the features' dtype: the shifts). Only kept tokens are
-    checked for NaN/Inf (padding may hold anything): any NaN/Inf makes the column mean non-finite, so the
-    check costs no extra pass."""
-    out, means = [], []
+    """Flatten each layer to [n_kept, d] (in its own dtype: bf16/fp16 are read as they are by the ops that
+    follow), after validating it. Returns (features, float64 column sums, float64 max |x| per layer), all
+    from one read (ops.cka.column_stats). Only kept tokens are checked for NaN/Inf (padding may hold
+    anything): any NaN/Inf makes a column sum non-finite, so the check costs no extra pass."""
+    out, sums, amax = [], [], []
     for i, a in enumerate(acts):
         label = name if single else f"{name}[{i}]"
         if not isinstance(a, torch.Tensor):
@@ -75,20 +75,23 @@ def _tokens(acts: list, name: str, shape, idx, single=False):
                              f"layer), got {list(a.shape)}")
         if a.shape[-1] == 0:
             raise ValueError(f"{label}: expected at least one feature, got shape {list(a.shape)}")
-        f = a.reshape(-1, a.shape[-1])
+        f = a.detach().reshape(-1, a.shape[-1])
         if idx is not None:
             f = f.index_select(0, idx)
-        f = f if f.dtype == torch.float64 else f.float()
-        m = f.mean(dim=0) if f.shape[0] else f.new_zeros(f.shape[1])
-        if not bool(torch.isfinite(m).all()):
+        c, m = _k.column_stats(f)
+        if not bool(torch.isfinite(c).all()):
             raise ValueError(f"{label}: activations contain NaN or Inf in kept tokens (or their sum "
-                             f"overflows {f.dtype})")
+                             f"overflows float64)")
         out.append(f)
-        means.append(m)
-    return out, means
+        sums.append(c)
+        amax.append(m)
+    return out, sums, amax
 
 
 def _prepare(xs, ys, mask, drop_first, names=("xs", "ys")):
+    """(student features, teacher features, tokens n, shifts, max |x| per layer, working dtype): features
+    [n, d] as given (flattened, masked), the shifts their column means in the working dtype (float64 if
+    every layer is float64, else float32; the GEMMs' precision)."""
     single = names != ("xs", "ys")  # kernel_hsic's x / y: one tensor each
     xs, ys = _as_list(xs, names[0]), _as_list(ys, names[1])
     first = xs[0]
@@ -97,13 +100,14 @@ def _prepare(xs, ys, mask, drop_first, names=("xs", "ys")):
                          f"{list(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__}")
     shape = tuple(first.shape[:-1])
     idx = _keep_index(shape, mask, drop_first, first.device)
-    (fx, mx), (fy, my) = (_tokens(xs, names[0], shape, idx, single), _tokens(ys, names[1], shape, idx, single))
+    (fx, sx, ax), (fy, sy, ay) = (_tokens(xs, names[0], shape, idx, single), _tokens(ys, names[1], shape, idx, single))
     devs = {t.device for t in fx + fy}
     if len(devs) > 1:
         raise ValueError(f"{names[0]}/{names[1]}: expected every layer on one device, got {sorted(map(str, devs))}")
-    if len({t.dtype for t in fx + fy}) > 1:  # float64 beside float32 (bf16/fp16 are float32 by now): float32
-        fx, fy, mx, my = ([t.float() for t in ts] for ts in (fx, fy, mx, my))
-    return fx, fy, fx[0].shape[0], mx + my
+    wdt = torch.float64 if all(t.dtype == torch.float64 for t in fx + fy) else torch.float32
+    n = fx[0].shape[0]
+    shifts = [(c / max(n, 1)).to(wdt) for c in sx + sy]
+    return fx, fy, n, shifts, ax + ay, wdt
 
 
 @contextlib.contextmanager
@@ -120,25 +124,26 @@ def _no_tf32(device):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _shift(x, s, out=None):
-    """(u, mean, r) for features x and a shift s (x's approximate column mean, in x's dtype):
-    u = x - s has small values that are exact (or nearly) in the working precision, so its GEMM loses
-    nothing to the mean; r = mean(u) is tiny and corrected exactly in float64 (C = u'u - n r r');
-    mean = s + r in float64. No float64 copy of the features is made; u is written into `out` if given."""
-    u = torch.sub(x, s, out=out)
-    r = u.mean(dim=0).double()
-    return u, s.double() + r, r
+def _shift(x, s, out):
+    """(u, mean, r) for features x and a shift s (x's approximate column mean, in the working dtype):
+    u = x - s, written into `out`, has small values that are exact (or nearly) in the working precision,
+    so its GEMM loses nothing to the mean; r = mean(u) (float64 sums of u as written, in the same pass) is
+    tiny and corrected exactly in float64 (C = u'u - n r r'); mean = s + r in float64. No float64 (or, for
+    bf16/fp16 input, float32) copy of the features is made."""
+    r = _k.shift(x, s, out) / max(x.shape[0], 1)
+    return out, s.double() + r, r
 
 
-def _check_products_fit(feats, shifts, n, names):
-    """Refuse, before any state changes, a batch whose co-moment products could overflow their dtype
-    (float32 past 3.4e38 merged infinities into the accumulated state for good): an entry of u_a^T u_b
-    sums n products of shifted features, each at most (max|x| + max|shift|)^2. One sync for all layers."""
-    bounds = torch.stack([torch.stack(torch.aminmax(f)).abs().max() + s.abs().max() for f, s in zip(feats, shifts)])
-    for name, f, b in zip(names, feats, bounds.double().tolist()):
-        if n * b * b > torch.finfo(f.dtype).max / 8:
+def _check_products_fit(amax, shifts, n, names, dtype):
+    """Refuse, before any state changes, a batch whose co-moment products could overflow the working
+    dtype (float32 past 3.4e38 merged infinities into the accumulated state for good): an entry of
+    u_a^T u_b sums n products of shifted features, each at most (max|x| + max|shift|)^2. One sync for all
+    layers."""
+    bounds = torch.stack(amax) + torch.stack([s.abs().max() for s in shifts]).double()
+    for name, b in zip(names, bounds.tolist()):
+        if n * b * b > torch.finfo(dtype).max / 8:
             raise ValueError(f"{name}: activations of magnitude {b:.3g} over {n} tokens can overflow the "
-                             f"{f.dtype} co-moment products; pass float64 activations")
+                             f"{dtype} co-moment products; pass float64 activations")
 
 
 def _self_moment(u, blocks=8, out=None):
@@ -273,12 +278,12 @@ class LinearCKA:
 
     def update(self, xs, ys, mask=None):
         """Accumulate one batch: xs / ys lists of student / teacher activations ([B, T, d] or [T, d])."""
-        fx, fy, n, means = _prepare(xs, ys, mask, self.drop_first)
+        fx, fy, n, means, amax, wdt = _prepare(xs, ys, mask, self.drop_first)
         self._resolve(fx, fy)
         if n == 0:
             return self
-        _check_products_fit(fx + fy, means, n, [f"xs[{i}]" for i in range(len(fx))] +
-                            [f"ys[{j}]" for j in range(len(fy))])
+        _check_products_fit(amax, means, n, [f"xs[{i}]" for i in range(len(fx))] +
+                            [f"ys[{j}]" for j in range(len(fy))], wdt)
         names = [f"x{i}" for i in range(len(fx))] + [f"y{j}" for j in range(len(fy))]
         feats, fmean = dict(zip(names, fx + fy)), dict(zip(names, means))
         layers, moms = self._keys()
@@ -289,7 +294,7 @@ class LinearCKA:
         def layer(a):  # the shifted features of layer a (formed on first use, into a pooled buffer)
             if a not in live:
                 f = feats[a]
-                u = self._take(f.shape, f.dtype, f.device)
+                u = self._take(f.shape, wdt, f.device)
                 _, mean[a], r[a] = _shift(f, fmean[a], out=u)
                 uc = sq = None
                 if self.debiased:
@@ -574,7 +579,7 @@ class MinibatchCKA:
         return int(self.n)
 
     def update(self, xs, ys, mask=None):
-        fx, fy, b, means = _prepare(xs, ys, mask, self.drop_first)
+        fx, fy, b, means, _, wdt = _prepare(xs, ys, mask, self.drop_first)
         if b <= 3:
             raise ValueError(f"xs: minibatch CKA needs more than 3 tokens per batch (unbiased HSIC), got {b} "
                              "after mask/drop_first")
@@ -583,7 +588,6 @@ class MinibatchCKA:
                              f"({len(fx)}, {len(fy)})")
         nx = len(fx)
         dev = fx[0].device
-        wdt = torch.float64 if all(t.dtype == torch.float64 for t in fx + fy) else torch.float32
         self._bufs = {b: self._bufs.get(b, {})}  # drop the buffers of other batch sizes
         bufs = self._bufs[b]
         with torch.no_grad(), _no_tf32(dev):
@@ -594,7 +598,7 @@ class MinibatchCKA:
                 # centring is not needed by U-centring; it conditions the Gram. Twice: the second pass takes
                 # out the rounding of the first mean, so a constant feature centres to exactly 0 (its
                 # residue would otherwise give a tiny, meaningless Gram and a finite "CKA")
-                u, _, r = _shift(t.to(wdt), mu.to(wdt), out=_scratch(bufs, t.shape, wdt, dev))
+                u, _, r = _shift(t, mu, out=_scratch(bufs, t.shape, wdt, dev))
                 u.sub_(r.to(wdt))
                 if upper:
                     for r0 in range(0, b, w):
@@ -740,8 +744,8 @@ def _kernel_inputs(x, y, kernel, sigma, tile, mask, unbiased):
     if kernel not in _k.KERNELS:
         raise ValueError(f"kernel: expected 'linear' or 'rbf', got {kernel!r}")
     tile = None if tile is None else int_at_least(tile, "tile", minimum=1)
-    fx, fy, n, (mx, my) = _prepare([x.detach()], [y.detach()], mask, 0, names=("x", "y"))
-    x, y = fx[0], fy[0]
+    fx, fy, n, (mx, my), _, wdt = _prepare([x], [y], mask, 0, names=("x", "y"))
+    x, y = fx[0].to(wdt), fy[0].to(wdt)
     need = 3 if unbiased else 1
     if n <= need:
         raise ValueError(f"x: the {'unbiased' if unbiased else 'biased'} HSIC needs more than {need} tokens, got {n}")

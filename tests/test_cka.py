@@ -117,7 +117,7 @@ def test_stress_large_offset_and_massive_dims_fp32(debiased):
     for lo in range(0, 2048, 512):
         m.update([x32[lo:lo + 512]], [y32[lo:lo + 512]])
     assert abs(m.compute().item() - ref) < 1e-6
-    # bf16 input: upcast once, so the result matches float64 on the bf16-rounded values
+    # bf16 input: read as it is (no float32 copy), so the result matches float64 on the bf16-rounded values
     xb, yb = x64.bfloat16(), y64.bfloat16()
     got = LinearCKA(debiased=debiased).update([xb], [yb]).compute().item()
     assert np.isfinite(got) and abs(got - f(xb, yb)) < 1e-4
@@ -212,6 +212,98 @@ def test_ucentre_op_matches_formula_and_opcheck():
     torch.library.opcheck(torch.ops.sdft_kernels.cka_ucentre_.default, (g.clone(),))
     with pytest.raises(RuntimeError, match="contiguous"):
         ucentre_(g.transpose(1, 2))
+
+
+def _strided_features(dtype, n=1001, d=31):
+    g = torch.Generator().manual_seed(3)
+    full = (torch.randn(n, d + 6, generator=g, dtype=torch.float64) * 3 + 50).to(dtype)
+    return full[:, 2:2 + d]  # row stride d + 6: the ops read rows of unit column stride, any row stride
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_column_stats_and_shift_ops_match_float64(dtype):
+    from sdft_kernels.ops.cka import column_stats, shift
+    x = _strided_features(dtype)  # 1001 rows: unequal row parts across threads
+    x64 = x.double()
+    sums, amax = column_stats(x)
+    torch.testing.assert_close(sums, x64.sum(0), rtol=1e-13, atol=0)
+    assert amax.dim() == 0 and amax.item() == x64.abs().max().item()
+    for wdt in (torch.float64, torch.float32) if dtype == torch.float64 else (torch.float32,):
+        s = x64.mean(0).to(wdt)
+        out = torch.full(x.shape, float("nan"), dtype=wdt)
+        col = shift(x, s, out)
+        assert torch.equal(out, (x64 - s.double()).to(wdt))  # subtracted, then rounded once
+        torch.testing.assert_close(col, out.double().sum(0), rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(torch.ops.sdft_kernels.cka_column_stats.default, (x.contiguous(),))
+    torch.library.opcheck(torch.ops.sdft_kernels.cka_shift.default, (x.contiguous(), s, out))
+
+
+_ISA_SCRIPT = """
+import sys, torch
+from sdft_kernels.ops.cka import column_stats, shift
+out = {}
+for x in torch.load(sys.argv[1]):
+    s = x.double().mean(0).float()
+    u = torch.empty(x.shape)
+    out[str(x.dtype)] = (*column_stats(x), shift(x, s, u), u)
+torch.save(out, sys.argv[2])
+"""
+
+
+def test_column_ops_every_cpu_isa_variant_matches(tmp_path):
+    """The column loops are compiled for the baseline ISA, AVX2 and AVX-512 (SDFT_CPU_ISA caps the choice):
+    each variant this CPU runs gives the float64 sums and max and the once-rounded shift."""
+    import os
+    import subprocess
+    import sys
+    xs = [_strided_features(dt, n=600) for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16)]
+    torch.save(xs, tmp_path / "in.pt")
+    for isa in ("base", "avx2", "avx512"):
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / f"{isa}.pt")],
+                       check=True, env=dict(os.environ, SDFT_CPU_ISA=isa), timeout=300)
+        got = torch.load(tmp_path / f"{isa}.pt")
+        for x in xs:
+            sums, amax, col, u = got[str(x.dtype)]
+            x64 = x.double()
+            s = x64.mean(0).float().double()
+            torch.testing.assert_close(sums, x64.sum(0), rtol=1e-13, atol=0)
+            assert amax.item() == x64.abs().max().item()
+            assert torch.equal(u, (x64 - s).float())
+            torch.testing.assert_close(col, u.double().sum(0), rtol=1e-12, atol=1e-12)
+
+
+def test_column_stats_and_shift_edge_cases_and_bad_inputs():
+    from sdft_kernels.ops.cka import column_stats, shift
+    sums, amax = column_stats(torch.empty(0, 4))
+    assert torch.equal(sums, torch.zeros(4, dtype=torch.float64)) and amax.item() == 0
+    x = torch.ones(600, 3)
+    x[517, 1], x[3, 2] = float("nan"), -float("inf")
+    sums, amax = column_stats(x)
+    assert sums[0].item() == 600 and sums[1].isnan() and sums[2].item() == -float("inf")
+    with pytest.raises(RuntimeError, match="x: expected a 2-d"):
+        column_stats(torch.ones(3))
+    with pytest.raises(RuntimeError, match="x: expected a float32"):
+        column_stats(torch.ones(3, 2, dtype=torch.int32))
+    x, s = torch.randn(8, 5), torch.zeros(5)
+    with pytest.raises(RuntimeError, match="out: expected float32 or float64"):
+        shift(x, s, torch.empty(8, 5, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="out: expected a contiguous tensor of x's shape"):
+        shift(x, s, torch.empty(8, 4))
+    with pytest.raises(RuntimeError, match="shift: expected a contiguous Float vector of length 5"):
+        shift(x, s.double(), torch.empty(8, 5))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cuda_column_stats_and_shift_match_cpu(dtype):
+    from sdft_kernels.ops.cka import column_stats, shift
+    x = _strided_features(dtype)
+    for a, b in zip(column_stats(x.cuda()), column_stats(x)):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-12, atol=0)
+    s = x.double().mean(0).float()
+    out_g, out_c = torch.empty(x.shape, device="cuda"), torch.empty(x.shape)
+    torch.testing.assert_close(shift(x.cuda(), s.cuda(), out_g).cpu(), shift(x, s, out_c), rtol=1e-12, atol=1e-12)
+    assert torch.equal(out_g.cpu(), out_c)
 
 
 @pytest.mark.cuda

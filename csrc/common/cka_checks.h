@@ -64,4 +64,26 @@ inline void check_kernel_hsic_inputs(const at::Tensor& x, const at::Tensor& y, i
   check_shift(shift_y, y, "shift_y");
 }
 
+// cka_column_stats / cka_shift: features x [n, d] (float32/float64/bf16/fp16), rows of unit column stride.
+inline void check_feature_rows(const at::Tensor& x, const char* name) {
+  check_dim(x, 2, name);
+  check_float(x, name);
+  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, name, ": expected rows of unit column stride, got strides ",
+              x.strides());
+}
+
+// cka_shift: out [n, d] contiguous float32/float64 (written), shift [d] contiguous in out's dtype.
+inline void check_shift_inputs(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& out) {
+  check_feature_rows(x, "x");
+  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble,
+              "out: expected float32 or float64, got ", out.scalar_type());
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == x.size(1) && out.is_contiguous(),
+              "out: expected a contiguous tensor of x's shape ", x.sizes(), ", got ", out.sizes());
+  TORCH_CHECK(shift.dim() == 1 && shift.size(0) == x.size(1) && shift.scalar_type() == out.scalar_type() &&
+              shift.is_contiguous(), "shift: expected a contiguous ", out.scalar_type(), " vector of length ",
+              x.size(1), ", got ", shift.scalar_type(), " ", shift.sizes());
+  check_same_device(x, "x", out, "out");
+  check_same_device(x, "x", shift, "shift");
+}
+
 }  // namespace sdft

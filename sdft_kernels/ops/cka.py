@@ -8,9 +8,25 @@ import torch
 
 _ops = torch.ops.sdft_kernels
 
-__all__ = ["comoment_merge_", "ucentre_", "kernel_hsic_stats", "KERNELS"]
+__all__ = ["column_stats", "shift", "comoment_merge_", "ucentre_", "kernel_hsic_stats", "KERNELS"]
 
 KERNELS = {"linear": 0, "rbf": 1}
+
+
+def column_stats(x: torch.Tensor):
+    """(float64 column sums [d], float64 max |x| [] (0-d)) of features x [n, d] in one read; a NaN or Inf
+    in x makes its column's sum non-finite (the max ignores NaN)."""
+    return _ops.cka_column_stats.default(_unit_columns(x))
+
+
+def shift(x: torch.Tensor, s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Write x - s into out ([n, d], float32/float64; s [d] in out's dtype) and return the float64 column
+    sums of out as written, in one pass over x (any float dtype: bf16/fp16 are not copied to float32 first)."""
+    return _ops.cka_shift.default(_unit_columns(x), s, out)
+
+
+def _unit_columns(x):
+    return x if x.dim() != 2 or x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
 
 
 def comoment_merge_(acc: torch.Tensor, raw: torch.Tensor, r_x: torch.Tensor, r_y: torch.Tensor, n_b: float,
@@ -55,3 +71,41 @@ def _stats_fake(x, y, kernel, gamma_x, gamma_y, tile, shift_x=None, shift_y=None
 @torch.library.register_fake("sdft_kernels::cka_comoment_merge_")
 def _merge_fake(acc, raw, r_x, r_y, n_b, d_x, d_y, w, upper=False):
     return None
+
+
+@torch.library.register_fake("sdft_kernels::cka_column_stats")
+def _column_stats_fake(x):
+    return x.new_empty(x.shape[1], dtype=torch.float64), x.new_empty((), dtype=torch.float64)
+
+
+@torch.library.register_fake("sdft_kernels::cka_shift")
+def _shift_fake(x, s, out):
+    return x.new_empty(x.shape[1], dtype=torch.float64)
+
+
+# CUDA: the same two ops as composites of torch ops. Beside the GPU's co-moment GEMMs these passes are a
+# rounding error, and the composites need no kernel of their own (the CPU ones fuse what 2 cores cannot
+# afford to read twice). Inputs are checked as on CPU: the C++ checks run through the CPU op's schema
+# only, so these repeat the ones that matter here.
+@torch.library.register_kernel("sdft_kernels::cka_column_stats", "cuda")
+def _column_stats_cuda(x):
+    if x.dim() != 2 or not x.dtype.is_floating_point:
+        raise RuntimeError(f"x: expected a 2-d floating-point tensor, got {x.dtype} {list(x.shape)}")
+    v = x if x.dtype == torch.float64 else x.float()
+    amax = v.abs().amax() if v.numel() else v.new_zeros(())
+    return v.sum(0, dtype=torch.float64), amax.double()
+
+
+@torch.library.register_kernel("sdft_kernels::cka_shift", "cuda")
+def _shift_cuda(x, s, out):
+    if out.shape != x.shape or out.dtype not in (torch.float32, torch.float64) or not out.is_contiguous():
+        raise RuntimeError(f"out: expected a contiguous float32/float64 tensor of shape {list(x.shape)}, got "
+                           f"{out.dtype} {list(out.shape)}")
+    if s.shape != (x.shape[1],) or s.dtype != out.dtype:
+        raise RuntimeError(f"shift: expected a {out.dtype} vector of length {x.shape[1]}, got {s.dtype} "
+                           f"{list(s.shape)}")
+    if x.dtype == torch.float64 and out.dtype != torch.float64:  # as the CPU kernel: subtract, round once
+        out.copy_(x - s.double())
+    else:
+        torch.sub(x.to(out.dtype), s, out=out)
+    return out.sum(0, dtype=torch.float64)
