@@ -11,7 +11,8 @@
 Activations are [B, T, d] or [T, d] (float32/bfloat16/float16/float64); a bool mask [B, T] or [T]
 (True = keep) drops padding and `drop_first` drops the first k positions of every sequence (attention
 sinks carry "massive activations"). The GEMMs run in float32 (float64 when every layer is float64):
-bf16/fp16 layers are read as they are and widened as they are shifted (ops.cka.shift), never copied.
+LinearCKA and MinibatchCKA read bf16/fp16 layers as they are and widen them as they shift them
+(ops.cka.shift), with no float32 copy; kernel_hsic converts them to float32 once.
 """
 from __future__ import annotations
 
