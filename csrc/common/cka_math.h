@@ -48,11 +48,12 @@ C10_HOST_DEVICE inline double hsic_biased(double kl, double rkl, double sk, doub
 
 // RBF kernel value from a dot product and the two squared norms, minus 1 when minus_one (expm1: the
 // digits of values near 1 survive); distances that round below zero (nearby points, cancellation) are
-// clamped to zero.
+// clamped to zero. A NaN distance (norms that overflowed: inf - inf) stays NaN, as in the CPU kernel's
+// clamp_min, so the caller's finiteness check raises instead of reading a kernel value of 1.
 template <typename T>
 C10_HOST_DEVICE inline T rbf_from_dot(T dot, T nrm_i, T nrm_j, T neg_gamma, bool minus_one) {
   T d2 = nrm_i + nrm_j - T(2) * dot;
-  d2 = d2 > T(0) ? d2 : T(0);
+  d2 = d2 < T(0) ? T(0) : d2;
   return minus_one ? ::expm1(neg_gamma * d2) : ::exp(neg_gamma * d2);
 }
 
