@@ -286,6 +286,18 @@ def test_column_ops_every_cpu_isa_variant_matches(tmp_path):
             torch.testing.assert_close(col, u.double().sum(0), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_equal_their_float32_widening_exactly(dtype):
+    # bf16/fp16 layers are widened inside the column ops, not copied first: the state must be the one
+    # that float32 copies of the same values give, bit for bit, for every estimator
+    xs, ys = _layers(n=300, widths=(12, 260), tw=(8, 257), offset=30.0)
+    half = ([x.to(dtype) for x in xs], [y.to(dtype) for y in ys])
+    wide = ([x.float() for x in half[0]], [y.float() for y in half[1]])
+    for make in (lambda: LinearCKA("all"), lambda: LinearCKA("all", debiased=True), MinibatchCKA):
+        a, b = make().update(*half), make().update(*wide)
+        assert torch.equal(a.compute(), b.compute())
+
+
 def test_column_stats_and_shift_edge_cases_and_bad_inputs():
     from sdft_kernels.ops.cka import column_stats, shift
     sums, amax = column_stats(torch.empty(0, 4))
