@@ -41,7 +41,7 @@ TORCH_LIBRARY(sdft_kernels, m) {
   m.def("cka_comoment_merge_(Tensor(a!) acc, Tensor raw, Tensor r_x, Tensor r_y, float n_b, Tensor d_x, "
         "Tensor d_y, float w, bool upper=False) -> ()");
   // The passes over each layer's features x [n, d] (float32/float64/bf16/fp16, unit column stride)
-  // (csrc/cpu/cka_columns.cpp; CUDA: torch composites in sdft_kernels/ops/cka.py):
+  // (csrc/cpu/cka_columns.cpp, csrc/cuda/cka_columns.cu):
   // (float64 column sums [d], float64 max |x| []) in one read; NaN/Inf make their column's sum non-finite.
   m.def("cka_column_stats(Tensor x) -> (Tensor, Tensor)");
   // out [n, d] (float32/float64) = x - shift (shift [d] in out's dtype); returns out's float64 column sums.

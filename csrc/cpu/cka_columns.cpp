@@ -5,8 +5,7 @@
 //                      u as written (its residual mean r) in the same pass
 // These were four torch passes (column mean, aminmax, subtraction, mean of u), ~11% of LinearCKA's time at
 // L=12, d=768, n=8192 on the 2-core CPU. bf16/fp16 features are read as they are: no float32 copy first.
-// On CUDA the same ops are composites of torch ops (sdft_kernels/ops/cka.py): next to the GPU's GEMMs
-// these passes are noise.
+// CUDA twins: csrc/cuda/cka_columns.cu.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -81,34 +81,3 @@ def _column_stats_fake(x):
 @torch.library.register_fake("sdft_kernels::cka_shift")
 def _shift_fake(x, s, out):
     return x.new_empty(x.shape[1], dtype=torch.float64)
-
-
-# CUDA: the same two ops as composites of torch ops. Beside the GPU's co-moment GEMMs these passes are a
-# rounding error, and the composites need no kernel of their own (the CPU ones fuse what 2 cores cannot
-# afford to read twice). Inputs are checked as on CPU: the C++ checks run through the CPU op's schema
-# only, so these repeat the ones that matter here.
-def _column_stats_cuda(x):
-    if x.dim() != 2 or not x.dtype.is_floating_point:
-        raise RuntimeError(f"x: expected a 2-d floating-point tensor, got {x.dtype} {list(x.shape)}")
-    v = x if x.dtype == torch.float64 else x.float()
-    amax = torch.stack(torch.aminmax(v)).abs().amax() if v.numel() else v.new_zeros(())  # one read, no |x| copy
-    return v.sum(0, dtype=torch.float64), amax.double()
-
-
-def _shift_cuda(x, s, out):
-    if out.shape != x.shape or out.dtype not in (torch.float32, torch.float64) or not out.is_contiguous():
-        raise RuntimeError(f"out: expected a contiguous float32/float64 tensor of shape {list(x.shape)}, got "
-                           f"{out.dtype} {list(out.shape)}")
-    if s.shape != (x.shape[1],) or s.dtype != out.dtype:
-        raise RuntimeError(f"shift: expected a {out.dtype} vector of length {x.shape[1]}, got {s.dtype} "
-                           f"{list(s.shape)}")
-    if x.dtype == torch.float64 and out.dtype != torch.float64:  # as the CPU kernel: subtract, round once
-        out.copy_(x - s.double())
-    else:
-        torch.sub(x.to(out.dtype), s, out=out)
-    return out.sum(0, dtype=torch.float64)
-
-
-# (register_kernel as a decorator returns None: the functions are kept callable for the tests)
-torch.library.register_kernel("sdft_kernels::cka_column_stats", "cuda", _column_stats_cuda)
-torch.library.register_kernel("sdft_kernels::cka_shift", "cuda", _shift_cuda)
