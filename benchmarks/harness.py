@@ -320,7 +320,10 @@ def append_rows(rows: list, out_dir: Path, kernel_file: str):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{kernel_file}.csv"
-    old = path.read_text() if path.exists() else ""
+    old = ""
+    if path.exists():
+        with open(path, newline="") as f:  # as stored: read_text() turned the rows' \r\n into \n, so each
+            old = f.read()                 # append rewrote every earlier line (a whole-file git diff)
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{kernel_file}.", suffix=".tmp")
     with os.fdopen(fd, "w", newline="") as f:
         if old:

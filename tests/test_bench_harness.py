@@ -46,3 +46,15 @@ def test_targets_pair_rows_of_one_run_only(tmp_path):
     path.write_text(path.read_text() + row("ckatorch", 12000, "bbb", "2026-12-02T10:05:00Z", ck))
     (got,) = [m for t, m, _ in targets.evaluate(tmp_path) if "ckatorch / ours" in t]
     assert got == "12.00x"
+
+
+def test_appending_rows_leaves_earlier_bytes_untouched(tmp_path):
+    # csv writes \r\n; re-reading the file with newline translation turned earlier rows' \r\n into \n,
+    # so every append rewrote the whole file (and its git history)
+    row = {c: "" for c in harness.COLUMNS}
+    path = harness.append_rows([dict(row, kernel="a")], tmp_path, "k")
+    first = path.read_bytes()
+    harness.append_rows([dict(row, kernel="b")], tmp_path, "k")
+    after = path.read_bytes()
+    assert after.startswith(first) and after != first
+    assert [r["kernel"] for r in csv.DictReader(open(path, newline=""))] == ["a", "b"]
