@@ -148,16 +148,25 @@ def _check_products_fit(amax, shifts, n, names, dtype):
                              f"{dtype} co-moment products; pass float64 activations")
 
 
+# Narrowest layer whose self-moment comes from the upper block triangle of GEMMs (narrower: one full
+# GEMM), per device type. On the 2-core CPU the row panels run near a full GEMM's rate, so 36/64 of its
+# flops is 36/64 of its time. On a GPU the panels are smaller GEMMs that may leave SMs idle (a 512-row
+# panel of a 4096-wide layer at 2048 tokens is 64 output tiles of 128 x 128 for 132 SMs); that is not
+# measured yet, so the GPU benchmark also times provider "ours(full self-moments)", which sets the CUDA
+# entry past any width, to settle it.
+HALF_SELF_MOMENT_MIN_WIDTH = {"cpu": 256, "cuda": 256}
+
+
 def _self_moment(u, blocks=8, out=None):
     """(m, upper): u^T u from the upper block triangle of GEMMs only (the result is symmetric): 36/64 of
     a full GEMM's flops with 8 column blocks (4 blocks, 10/16, were 30-40 ms slower over the 96
     self-moments of the 12-pair d=768 benchmark). upper=True means only m's upper triangle is valid
     (the rest of `out`, if given, is left as it was; the merge op then merges the upper triangle only).
-    Narrow layers use one full GEMM."""
+    Layers narrower than HALF_SELF_MOMENT_MIN_WIDTH use one full GEMM."""
     d = u.shape[1]
     if out is None:
         out = torch.empty(d, d, dtype=u.dtype, device=u.device)
-    if d < 256:
+    if d < HALF_SELF_MOMENT_MIN_WIDTH.get(u.device.type, 256):
         return torch.mm(u.T, u, out=out), False
     w = -(-d // blocks)
     for i in range(0, d, w):
