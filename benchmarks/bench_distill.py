@@ -13,6 +13,7 @@ Inputs are realistic, never zeros: teacher logits ~ 2 N(0, 1), student = teacher
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -32,13 +33,35 @@ def _logits(n, v, dtype, device, seed=0):
     return s.to(dtype).requires_grad_(True), t.to(dtype)
 
 
+@contextlib.contextmanager
+def _one_block_per_row(on: bool):
+    """SDFT_CUDA_NO_CLUSTER=1 while on: the CUDA dense kernel then runs one block per row instead of the
+    sm_90 cluster kernel (read at each launch), so the two are timed side by side."""
+    old = os.environ.get("SDFT_CUDA_NO_CLUSTER")
+    if on:
+        os.environ["SDFT_CUDA_NO_CLUSTER"] = "1"
+    try:
+        yield
+    finally:
+        if on and old is None:
+            del os.environ["SDFT_CUDA_NO_CLUSTER"]
+        elif on:
+            os.environ["SDFT_CUDA_NO_CLUSTER"] = old
+
+
 def _loss_case(provider, n, v, dtype, device, divergence="forward_kl", tag=""):
     """Build a forward+backward case of one provider's loss on [n, v] logits."""
     esize = torch.finfo(DT[dtype]).bits // 8
     skip = None
-    if provider == "ours":
+    if provider.startswith("ours"):  # "ours(one block per row)": the pre-Hopper CUDA kernel, on sm_90
         fn, skip = peers.ours("distill_loss")
-        make = (lambda: (lambda s, t: fn(s, t, divergence=divergence))) if fn else None
+        one_block = provider != "ours"
+
+        def make():
+            def loss(s, t):
+                with _one_block_per_row(one_block):  # the gradient is formed in the forward launch
+                    return fn(s, t, divergence=divergence)
+            return loss
     elif provider == "naive":
         from sdft_kernels.reference.distill import distill_loss_ref
         make = lambda: (lambda s, t: distill_loss_ref(s, t, divergence=divergence))  # noqa: E731
@@ -183,9 +206,9 @@ def cases(device: str = "cpu", quick: bool = False) -> list:
     out = []
     if device == "cuda":
         # The GPU targets of issue 3: N=8192, V=128256, bf16; the fused linear at Liger's published setting.
-        for p in LOSS_PROVIDERS:
+        for p in LOSS_PROVIDERS[:1] + ["ours(one block per row)"] + LOSS_PROVIDERS[1:]:
             out.append(_loss_case(p, 8192, 128256, "bfloat16", device))
-        for p in ("ours", "liger"):
+        for p in ("ours", "ours(one block per row)", "liger"):
             out.append(_loss_case(p, 8192, 128256, "bfloat16", device, divergence="jsd"))
         for p in ("matmuls", "ours", "naive"):
             out.append(_fused_case(p, 8192, 2048, 4096, 128256, "bfloat16", device))

@@ -412,6 +412,44 @@ def test_cuda_matches_reference(dtype, divergence):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize("one_block", [False, True])
+def test_cuda_cluster_and_one_block_kernels_match_reference(dtype, divergence, one_block, monkeypatch):
+    """On sm_90+ rows of V >= 4096 are split over a cluster of 8 blocks that keep them in shared memory
+    (SDFT_CUDA_NO_CLUSTER=1 selects one block per row): both kernels against float64, with ignored rows,
+    -inf entries, row weights, in place, and a bad row reported as NaN."""
+    if torch.cuda.get_device_capability()[0] < 9 and not one_block:
+        pytest.skip("the cluster kernel needs sm_90+")
+    if one_block:
+        monkeypatch.setenv("SDFT_CUDA_NO_CLUSTER", "1")
+    ops = torch.ops.sdft_kernels
+    for n, v in ((5, 4096), (7, 32001), (3, 128256)):
+        s, t = _inputs((n, v), dtype)
+        s[1, ::7] = t[1, ::7] = float("-inf")
+        s, t = s.cuda(), t.cuda()
+        valid = torch.ones(n, dtype=torch.bool, device="cuda")
+        valid[-1] = False
+        w = torch.linspace(0.5, 2.0, n, device="cuda")
+        loss, g = ops.distill_dense(s, t, valid, w, DIVERGENCES[divergence], 0.3, 1.5, True)
+        buf = s.clone()
+        assert torch.equal(ops.distill_dense_inplace_(buf, t, valid, w, DIVERGENCES[divergence], 0.3, 1.5), loss)
+        assert torch.equal(buf, g)
+        x64 = s.double().cpu().requires_grad_()
+        rows = distill_loss_ref(x64, t.double().cpu(), divergence=divergence, beta=0.3, temperature=1.5,
+                                mask=valid.cpu(), reduction="none")
+        (g_ref,) = torch.autograd.grad((rows * w.double().cpu()).sum(), x64)
+        eps = 1e-5 if dtype == torch.float32 else 2e-2
+        rows = rows.detach()
+        _close(f"loss V={v}", loss.cpu().double(), rows, eps * max(1.0, float(rows.abs().max())))
+        _close(f"grad V={v}", g.cpu().double(), g_ref, eps)
+        assert not g[-1].any() and loss[-1].item() == 0  # the ignored row
+        s[2, 5] = float("nan")
+        loss, g = ops.distill_dense(s, t, valid, w, DIVERGENCES[divergence], 0.3, 1.5, True)
+        assert loss[2].isnan() and g[2].isnan().all() and torch.isfinite(loss[:2]).all()
+
+
+@pytest.mark.cuda
 def test_cuda_nan_reported():
     s, t = _inputs((4, 100))
     s[1, 7] = float("nan")

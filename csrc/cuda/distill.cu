@@ -1,4 +1,6 @@
-// CUDA kernel of sdft_kernels::distill_dense: one thread block per row (token). Pass 1 streams the
+// CUDA kernels of sdft_kernels::distill_dense. On sm_90+ rows of V >= 4096 go to the cluster kernel
+// (csrc/cuda/distill_cluster.cuh: a row split over 8 blocks that keep it in shared memory, read once);
+// otherwise one thread block per row (token). Pass 1 streams the
 // row once for both online log-sum-exps (student and teacher together, merged across the block with
 // lse_merge); pass 2 accumulates the divergence in float32 (float64 for float64 inputs) and, for
 // forward KL, writes the gradient; pass 3 (reverse KL / JSD) writes the gradient, which needs the
@@ -15,11 +17,14 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <type_traits>
 
 #include "cpu/distill_common.h"
 #include "common/distill_math.h"
 #include "cuda/distill_block.cuh"
+#include "cuda/distill_cluster.cuh"
 
 namespace sdft::distill::cuda {
 namespace {
@@ -106,6 +111,51 @@ __global__ void __launch_bounds__(kBlock) distill_dense_kernel(
   }
 }
 
+// Rows at least this long take the cluster kernel where it applies (shorter ones are latency-bound:
+// one block reads them fast enough, and 8 blocks of a few elements each would mostly idle).
+constexpr int64_t kClusterMinV = 4096;
+
+// Launches distill_dense_cluster_kernel and returns true where it applies: an sm_90+ device, 2-byte or
+// float32 logits, V >= kClusterMinV, both slices fitting the opt-in shared memory, a cluster that can be
+// resident, and SDFT_CUDA_NO_CLUSTER unset (it selects the one-block kernel, e.g. to compare the two).
+template <int64_t DIV, bool GRAD, typename scalar_t, typename acc_t>
+bool launch_dense_cluster(const scalar_t* s, const scalar_t* t, const bool* valid, const acc_t* w, acc_t* loss,
+                          scalar_t* g, const Params<acc_t>& P, int64_t N, int device, cudaStream_t stream) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return false;  // 8 bytes a logit: the slices of a 128k row would not fit
+  } else {
+    const char* off = std::getenv("SDFT_CUDA_NO_CLUSTER");
+    if ((off && *off && *off != '0') || P.V < kClusterMinV || N * kCluster > (int64_t(1) << 31) - 1) return false;
+    int major = 0, optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    const size_t smem = 2 * cluster_slice(P.V) * sizeof(scalar_t);
+    const size_t static_smem = (2 * kBlock / 32 + 2 + 5) * sizeof(acc_t);
+    if (major < 9 || smem + static_smem > static_cast<size_t>(optin)) return false;
+    auto kernel = distill_dense_cluster_kernel<DIV, GRAD, scalar_t, acc_t, Params<acc_t>, kBlock>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = kCluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(N * kCluster));
+    cfg.blockDim = dim3(kBlock);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters < 1) {
+      (void)cudaGetLastError();  // clear the query's error: the one-block kernel runs instead
+      return false;
+    }
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, s, t, valid, w, loss, g, P));
+    return true;
+  }
+}
+
 template <int64_t DIV, bool GRAD, typename scalar_t>
 void launch_dense(const at::Tensor& s, const at::Tensor& t, const at::Tensor& valid, const at::Tensor& w,
                   at::Tensor& loss,
@@ -116,6 +166,13 @@ void launch_dense(const at::Tensor& s, const at::Tensor& t, const at::Tensor& va
   const auto cp = sdft::distill::cpu::make_params<acc_t>(s.size(1), beta, temperature);
   Params<acc_t> P{cp.V, cp.inv_tau, cp.beta, cp.log_beta, cp.log_1mbeta};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(s.device().index()).stream();
+  if (launch_dense_cluster<DIV, GRAD, scalar_t, acc_t>(
+          s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), valid.const_data_ptr<bool>(),
+          w.defined() ? w.const_data_ptr<acc_t>() : nullptr, loss.mutable_data_ptr<acc_t>(),
+          GRAD ? grad.mutable_data_ptr<scalar_t>() : nullptr, P, N, s.device().index(), stream)) {
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   distill_dense_kernel<DIV, GRAD, scalar_t, acc_t><<<static_cast<unsigned>(N), kBlock, 0, stream>>>(
       s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), valid.const_data_ptr<bool>(),
       w.defined() ? w.const_data_ptr<acc_t>() : nullptr, loss.mutable_data_ptr<acc_t>(), GRAD ? grad.mutable_data_ptr<scalar_t>() : nullptr, P);
