@@ -130,9 +130,14 @@ bool launch_dense_cluster(const scalar_t* s, const scalar_t* t, const bool* vali
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     const size_t smem = 2 * cluster_slice(P.V) * sizeof(scalar_t);
-    const size_t static_smem = (2 * kBlock / 32 + 2 + 5) * sizeof(acc_t);
-    if (major < 9 || smem + static_smem > static_cast<size_t>(optin)) return false;
+    if (major < 9) return false;
     auto kernel = distill_dense_cluster_kernel<DIV, GRAD, scalar_t, acc_t, Params<acc_t>, kBlock>;
+    // ptxVersion < 90: the device runs code JIT-compiled from pre-sm_90 PTX (e.g. TORCH_CUDA_ARCH_LIST
+    // "8.0+PTX"), whose kernel body is compiled out (#if __CUDA_ARCH__ >= 900). sharedSizeBytes: the
+    // static shared memory as compiled (the opt-in limit bounds it plus the dynamic part).
+    cudaFuncAttributes fa;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+    if (fa.ptxVersion < 90 || smem + fa.sharedSizeBytes > static_cast<size_t>(optin)) return false;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -147,9 +152,10 @@ bool launch_dense_cluster(const scalar_t* s, const scalar_t* t, const bool* vali
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters < 1) {
-      (void)cudaGetLastError();  // clear the query's error: the one-block kernel runs instead
-      return false;
+    const cudaError_t qerr = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg);
+    if (qerr != cudaSuccess || clusters < 1) {
+      if (qerr != cudaSuccess) (void)cudaGetLastError();  // clear the query's error (only that one): the
+      return false;                                       // one-block kernel runs instead
     }
     C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, s, t, valid, w, loss, g, P));
     return true;

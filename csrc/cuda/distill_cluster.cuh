@@ -59,8 +59,10 @@ __global__ void __launch_bounds__(BLOCK) distill_dense_cluster_kernel(
   // log-sum-exps; flag NaN / +inf.
   const cg::thread_block block = cg::this_thread_block();
   if (n > 0) {
-    cg::memcpy_async(block, zsh, z, sizeof(scalar_t) * n);
-    cg::memcpy_async(block, tsh, t, sizeof(scalar_t) * n);
+    // as void*: the copy width is then chosen from the run-time alignment (16-byte pieces where the
+    // row allows), not from alignof(scalar_t) (4-byte pieces for float)
+    cg::memcpy_async(block, static_cast<void*>(zsh), static_cast<const void*>(z), sizeof(scalar_t) * n);
+    cg::memcpy_async(block, static_cast<void*>(tsh), static_cast<const void*>(t), sizeof(scalar_t) * n);
   }
   cg::wait(block);
   acc_t ms = -inf, zs = 0, mu = -inf, zu = 0;
