@@ -166,16 +166,17 @@ def test_bad_inputs():
 @pytest.mark.cuda
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
 def test_cuda_tiled_matches_cpu(kernel):
-    x, y = _pair(n=1000, d=70, e=33, dtype=torch.float32)  # tiles of 64 that do not divide n
+    x, y = _pair(n=1000, d=70, e=33, dtype=torch.float32)
     s_c, r_c, d_c = kernel_hsic_stats(x, y, kernel, 0.01, 0.02, 128)
-    s_g, r_g, d_g = kernel_hsic_stats(x.cuda(), y.cuda(), kernel, 0.01, 0.02, 128)
-    torch.testing.assert_close(s_g.cpu(), s_c, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(r_g.cpu(), r_c, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(d_g.cpu(), d_c, rtol=1e-5, atol=1e-5)
+    for tile in (128, 333, 1000, 4096):  # tiles that do and do not divide n, one tile, one larger than n
+        s_g, r_g, d_g = kernel_hsic_stats(x.cuda(), y.cuda(), kernel, 0.01, 0.02, tile)
+        torch.testing.assert_close(s_g.cpu(), s_c, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r_g.cpu(), r_c, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(d_g.cpu(), d_c, rtol=1e-5, atol=1e-5)
     for unbiased in (False, True):
         ref = R.kernel_cka(x, y, kernel, unbiased=unbiased)
         assert abs(kernel_cka(x.cuda(), y.cuda(), kernel, unbiased=unbiased) - ref) < 1e-5
-    sx, sy = x.mean(0), y.mean(0)  # the op's row shifts: CUDA subtracts them up front, CPU per tile
+    sx, sy = x.mean(0), y.mean(0)  # the op's row shifts, subtracted tile by tile on both devices
     got = kernel_hsic_stats(x.cuda(), y.cuda(), kernel, 0.01, 0.02, 128, sx.cuda(), sy.cuda())
     for g, w in zip(got, kernel_hsic_stats(x, y, kernel, 0.01, 0.02, 128, sx, sy)):
         torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-5)
