@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 
 namespace sdft {
 
@@ -70,5 +71,20 @@ inline at::Tensor shifted_sq_norms(const at::Tensor& x, const at::Tensor& shift)
   }
   return out;
 }
+
+// The op's inputs as both kernels use them: contiguous x and y, their shifts (undefined when absent)
+// and, for the RBF kernel (kernel == 1), the squared norms of the shifted rows.
+struct TiledInputs {
+  at::Tensor x, y, sx, sy, nx, ny;
+  TiledInputs(const at::Tensor& x_, const at::Tensor& y_, int64_t kernel, const std::optional<at::Tensor>& shift_x,
+              const std::optional<at::Tensor>& shift_y)
+      : x(x_.contiguous()), y(y_.contiguous()), sx(shift_x.value_or(at::Tensor())),
+        sy(shift_y.value_or(at::Tensor())) {
+    if (kernel == 1) {
+      nx = shifted_sq_norms(x, sx);
+      ny = shifted_sq_norms(y, sy);
+    }
+  }
+};
 
 }  // namespace sdft

@@ -98,13 +98,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_hsic_stats_cpu(const at::T
                                                                      bool minus_one_x, bool minus_one_y) {
   check_kernel_hsic_inputs(x, y, kernel, gamma_x, gamma_y, tile, shift_x, shift_y);
   const int64_t n = x.size(0);
-  auto xc = x.contiguous(), yc = y.contiguous();
-  const at::Tensor sx = shift_x.has_value() ? *shift_x : at::Tensor(), sy = shift_y.has_value() ? *shift_y : at::Tensor();
-  at::Tensor nx, ny;
-  if (kernel == 1) {
-    nx = shifted_sq_norms(xc, sx);
-    ny = shifted_sq_norms(yc, sy);
-  }
+  const TiledInputs in(x, y, kernel, shift_x, shift_y);
+  const at::Tensor &xc = in.x, &yc = in.y, &sx = in.sx, &sy = in.sy, &nx = in.nx, &ny = in.ny;
   const int64_t nt = (n + tile - 1) / tile;
   std::vector<std::pair<int64_t, int64_t>> pairs;
   pairs.reserve(nt * (nt + 1) / 2);

@@ -66,13 +66,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_hsic_stats_cuda(const at::
   check_kernel_hsic_inputs(x, y, kernel, gamma_x, gamma_y, tile, shift_x, shift_y);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.size(0);
-  auto xc = x.contiguous(), yc = y.contiguous();
-  const at::Tensor sx = shift_x.has_value() ? *shift_x : at::Tensor(), sy = shift_y.has_value() ? *shift_y : at::Tensor();
-  at::Tensor nx, ny;
-  if (kernel == 1) {
-    nx = shifted_sq_norms(xc, sx);
-    ny = shifted_sq_norms(yc, sy);
-  }
+  const TiledInputs in(x, y, kernel, shift_x, shift_y);
+  const at::Tensor &xc = in.x, &yc = in.y, &sx = in.sx, &sy = in.sy, &nx = in.nx, &ny = in.ny;
   auto opts = x.options().dtype(at::kDouble);
   auto sums = at::zeros({3}, opts), rows = at::zeros({2, n}, opts), diag = at::zeros({2, n}, opts);
   const int64_t t = std::min(tile, n);

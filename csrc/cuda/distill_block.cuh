@@ -1,6 +1,7 @@
-// Block-wide reductions for the distillation kernels: a sum and an online log-sum-exp merge
-// ((max, sum of exp(x - max)) pairs), warp shuffles first, then one value per warp via shared memory.
-// Every thread of the block gets the result. `red` needs 2 * BLOCK / 32 + 2 elements.
+// Block-level pieces of the CUDA distillation kernels (csrc/cuda/distill.cu, distill_cluster.cuh):
+// reductions — a sum and an online log-sum-exp merge ((max, sum of exp(x - max)) pairs), warp shuffles
+// first, then one value per warp via shared memory; every thread of the block gets the result; `red`
+// needs 2 * BLOCK / 32 + 2 elements — and the per-element loss and gradient passes over a row.
 #pragma once
 #include "common/distill_math.h"
 
@@ -35,6 +36,46 @@ __device__ inline void block_lse(T& m, T& s, T* red) {
   for (int w = 1; w < BLOCK / 32; ++w) lse_merge(rm, rs, red[2 * w], red[2 * w + 1]);
   m = rm;
   s = rs;
+}
+
+// What the element passes of a row need once its log-sum-exps are known: 1/T, each side's max and
+// log-sum (log-probs are (x / T - max) - log(sum): rounding max + log(sum) would shift every log-prob by
+// an ulp of |max|; the CPU kernel keeps one FMA per element and corrects the row's loss instead, while in
+// these memory-bound kernels the extra subtraction is free), and the gradient scale.
+template <typename acc_t>
+struct RowStats {
+  acc_t it, ms, lzs, mu, lzu, gs;
+};
+
+// Pass 2 over the elements j = threadIdx.x, + BLOCK, ... < n of one row (z, t: its logits, in global or
+// shared memory; g: its gradient, which may alias z: element j is read before it is written): adds the
+// loss terms to L (and KL(q||m) to K for JSD) and, for forward KL, writes the gradient.
+template <int64_t DIV, bool GRAD, int BLOCK, typename scalar_t, typename acc_t, typename Params>
+__device__ inline void loss_pass(const scalar_t* z, const scalar_t* t, scalar_t* g, int64_t n,
+                                 const RowStats<acc_t>& R, const Params& P, acc_t& L, acc_t& K) {
+  for (int64_t j = threadIdx.x; j < n; j += BLOCK) {
+    const acc_t lq = (static_cast<acc_t>(z[j]) * R.it - R.ms) - R.lzs;
+    const acc_t lp = (static_cast<acc_t>(t[j]) * R.it - R.mu) - R.lzu;
+    const acc_t q = fast_exp(lq), p = fast_exp(lp);
+    acc_t kt = 0, lm = 0;
+    L += divergence_term<acc_t>(DIV, p, q, lp, lq, P.beta, P.log_beta, P.log_1mbeta, kt, lm);
+    K += kt;
+    if (GRAD && DIV == kForwardKL) g[j] = static_cast<scalar_t>((q - p) * R.gs);
+  }
+}
+
+// Pass 3 (reverse KL, JSD): the gradient with the row scalar rs (L for reverse KL, K for JSD).
+template <int64_t DIV, int BLOCK, typename scalar_t, typename acc_t, typename Params>
+__device__ inline void grad_pass(const scalar_t* z, const scalar_t* t, scalar_t* g, int64_t n,
+                                 const RowStats<acc_t>& R, const Params& P, acc_t rs) {
+  for (int64_t j = threadIdx.x; j < n; j += BLOCK) {
+    const acc_t lq = (static_cast<acc_t>(z[j]) * R.it - R.ms) - R.lzs;
+    const acc_t lp = (static_cast<acc_t>(t[j]) * R.it - R.mu) - R.lzu;
+    const acc_t q = fast_exp(lq), p = fast_exp(lp);
+    acc_t kt = 0, lm = 0;
+    if (DIV == kJSD) divergence_term<acc_t>(DIV, p, q, lp, lq, P.beta, P.log_beta, P.log_1mbeta, kt, lm);
+    g[j] = static_cast<scalar_t>(divergence_grad<acc_t>(DIV, p, q, lp, lq, lm, P.beta, rs) * R.gs);
+  }
 }
 
 }  // namespace sdft::distill::cuda

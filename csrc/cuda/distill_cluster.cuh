@@ -99,18 +99,10 @@ __global__ void __launch_bounds__(BLOCK) distill_dense_cluster_kernel(
     if (rank == 0 && tid == 0) loss[row] = nan;
     return;
   }
-  const acc_t lzs = ::log(zs), lzu = ::log(zu);
-  const acc_t gs = W ? it * W[row] : it;  // gradient scale: 1/T times the row's weight
+  const RowStats<acc_t> R{it, ms, acc_t(::log(zs)), mu, acc_t(::log(zu)), W ? it * W[row] : it};  // gs: 1/T x row weight
   // Pass 2, from shared memory: loss terms (+ forward-KL gradient).
   acc_t L = 0, K = 0;
-  for (int64_t j = tid; j < n; j += BLOCK) {
-    const acc_t lq = (static_cast<acc_t>(zsh[j]) * it - ms) - lzs, lp = (static_cast<acc_t>(tsh[j]) * it - mu) - lzu;
-    const acc_t q = fast_exp(lq), p = fast_exp(lp);
-    acc_t kt = 0, lm = 0;
-    L += divergence_term<acc_t>(DIV, p, q, lp, lq, P.beta, P.log_beta, P.log_1mbeta, kt, lm);
-    K += kt;
-    if (GRAD && DIV == kForwardKL) g[j] = static_cast<scalar_t>((q - p) * gs);
-  }
+  loss_pass<DIV, GRAD, BLOCK>(zsh, tsh, g, n, R, P, L, K);
   L = block_sum<BLOCK>(L, red);
   if (DIV == kJSD) K = block_sum<BLOCK>(K, red);
   if (tid == 0) {
@@ -128,14 +120,7 @@ __global__ void __launch_bounds__(BLOCK) distill_dense_cluster_kernel(
   if (rank == 0 && tid == 0) loss[row] = L;
   if (!GRAD || DIV == kForwardKL) return;
   // Pass 3, from shared memory: the gradient with the row scalar (L for reverse KL, K = KL(q||m) for JSD).
-  const acc_t rs = DIV == kJSD ? K : L;
-  for (int64_t j = tid; j < n; j += BLOCK) {
-    const acc_t lq = (static_cast<acc_t>(zsh[j]) * it - ms) - lzs, lp = (static_cast<acc_t>(tsh[j]) * it - mu) - lzu;
-    const acc_t q = fast_exp(lq), p = fast_exp(lp);
-    acc_t kt = 0, lm = 0;
-    if (DIV == kJSD) divergence_term<acc_t>(DIV, p, q, lp, lq, P.beta, P.log_beta, P.log_1mbeta, kt, lm);
-    g[j] = static_cast<scalar_t>(divergence_grad<acc_t>(DIV, p, q, lp, lq, lm, P.beta, rs) * gs);
-  }
+  grad_pass<DIV, BLOCK>(zsh, tsh, g, n, R, P, DIV == kJSD ? K : L);
 #endif
 }
 
