@@ -150,10 +150,10 @@ def _check_products_fit(amax, shifts, n, names, dtype):
 
 # Narrowest layer whose self-moment comes from the upper block triangle of GEMMs (narrower: one full
 # GEMM), per device type. On the 2-core CPU the 8 row panels (36/64 of a full GEMM's flops) take ~0.7 of
-# its time (10 vs 14.4 ms at d=768 and 2048 tokens on the AMD VM: the narrow GEMMs run a bit slower). On a GPU the panels are smaller GEMMs that may leave SMs idle (a 512-row
-# panel of a 4096-wide layer at 2048 tokens is 64 output tiles of 128 x 128 for 132 SMs); that is not
-# measured yet, so the GPU benchmark also times provider "ours(full self-moments)", which sets the CUDA
-# entry past any width, to settle it.
+# its time (10 vs 14.4 ms at d=768 and 2048 tokens on the AMD VM: the narrow GEMMs run a bit slower).
+# On a GPU the panels are smaller GEMMs that may leave SMs idle (a 512-row panel of a 4096-wide layer at
+# 2048 tokens is 64 output tiles of 128 x 128 for 132 SMs); that is not measured yet, so the GPU
+# benchmark also times provider "ours(full self-moments)", which sets the CUDA entry past any width.
 HALF_SELF_MOMENT_MIN_WIDTH = {"cpu": 256, "cuda": 256}
 
 
