@@ -7,6 +7,7 @@
 // L=12, d=768, n=8192 on the 2-core CPU. bf16/fp16 features are read as they are: no float32 copy first.
 // CUDA twins: csrc/cuda/cka_columns.cu.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -44,10 +45,6 @@ void add_parts(std::vector<double>& partial, int64_t parts, int64_t d) {
     for (int64_t j = 0; j < d; ++j) partial[j] += partial[p * d + j];
 }
 
-// float64 stays float64; float32, bf16 and fp16 are read as float32 (exact).
-template <typename scalar_t>
-using value_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> cka_column_stats_cpu(const at::Tensor& x) {
@@ -56,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> cka_column_stats_cpu(const at::Tensor& x) {
   at::Tensor sums = at::zeros({d}, x.options().dtype(at::kDouble));
   at::Tensor amax = at::zeros({}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cka_column_stats_cpu", [&] {
-    using val_t = value_t<scalar_t>;
+    using val_t = at::opmath_type<scalar_t>;  // float64 stays float64, the rest read as float32 (exact)
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     std::vector<double> sum(parts * d, 0.0);
     std::vector<val_t> mx(parts * d, val_t(0));  // column-wise, so the inner loop carries no reduction

@@ -5,6 +5,7 @@
 // Both use one grid shape: blocks of 32 columns x 8 row lanes over a slab of rows; each block writes one
 // float64 partial per column (and one max), which a [slabs, d] sum then adds up: deterministic, no atomics.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/amax.h>
 #include <ATen/ops/empty.h>
@@ -37,10 +38,6 @@ Grid grid_for(int64_t n, int64_t d) {
   return {slab, dim3(static_cast<unsigned>((d + kCols - 1) / kCols), static_cast<unsigned>((n + slab - 1) / slab))};
 }
 
-// float64 stays float64; float32, bf16 and fp16 are read as float32 (exact).
-template <typename scalar_t>
-using value_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
 // Sums the block's kLanes row lanes per column; lane 0 of each column gets the total.
 __device__ inline double lanes_sum(double v, double (*sh)[kCols]) {
   sh[threadIdx.y][threadIdx.x] = v;
@@ -54,7 +51,7 @@ __device__ inline double lanes_sum(double v, double (*sh)[kCols]) {
 template <typename scalar_t>
 __global__ void column_stats_kernel(const scalar_t* __restrict__ x, int64_t n, int64_t d, int64_t ld, int64_t slab,
                                     double* __restrict__ partial, double* __restrict__ pmax) {
-  using val_t = value_t<scalar_t>;
+  using val_t = at::opmath_type<scalar_t>;  // float64 stays float64, the rest read as float32 (exact)
   __shared__ double sh[kLanes][kCols];
   __shared__ double shm[kLanes * kCols];
   const int64_t j = blockIdx.x * static_cast<int64_t>(kCols) + threadIdx.x;

@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kBlock) distill_dense_kernel(
   const scalar_t* z = S + row * V;
   const scalar_t* t = T + row * V;
   scalar_t* g = GRAD ? G + row * V : nullptr;
-  const acc_t it = P.inv_tau, inf = std::numeric_limits<acc_t>::infinity();
+  const acc_t it = P.inv_tau;
   if (!valid[row]) {
     if (GRAD)
       for (int64_t j = tid; j < V; j += kBlock) g[j] = scalar_t(0);
@@ -63,17 +63,8 @@ __global__ void __launch_bounds__(kBlock) distill_dense_kernel(
     return;
   }
   // Pass 1: online log-sum-exp of s and u; flag NaN / +inf.
-  acc_t ms = -inf, zs = 0, mu = -inf, zu = 0;
-  int bad = 0;
-  for (int64_t j = tid; j < V; j += kBlock) {
-    const acc_t a = static_cast<acc_t>(z[j]) * it, b = static_cast<acc_t>(t[j]) * it;
-    bad |= (a != a) | (b != b) | (a == inf) | (b == inf);
-    lse_merge(ms, zs, a, acc_t(1));
-    lse_merge(mu, zu, b, acc_t(1));
-  }
-  bad = __syncthreads_or(bad);
-  block_lse<kBlock>(ms, zs, red);
-  block_lse<kBlock>(mu, zu, red);
+  acc_t ms, zs, mu, zu;
+  const bool bad = lse_pass<kBlock>(z, t, V, it, ms, zs, mu, zu, red);
   if (bad || !(zs > 0) || !(zu > 0)) {  // zs = 0: no finite student entry (all -inf)
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
     if (GRAD)
@@ -154,16 +145,14 @@ void launch_dense(const at::Tensor& s, const at::Tensor& t, const at::Tensor& va
   const auto cp = sdft::distill::cpu::make_params<acc_t>(s.size(1), beta, temperature);
   Params<acc_t> P{cp.V, cp.inv_tau, cp.beta, cp.log_beta, cp.log_1mbeta};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(s.device().index()).stream();
-  if (launch_dense_cluster<DIV, GRAD, scalar_t, acc_t>(
-          s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), valid.const_data_ptr<bool>(),
-          w.defined() ? w.const_data_ptr<acc_t>() : nullptr, loss.mutable_data_ptr<acc_t>(),
-          GRAD ? grad.mutable_data_ptr<scalar_t>() : nullptr, P, N, s.device().index(), stream)) {
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  distill_dense_kernel<DIV, GRAD, scalar_t, acc_t><<<static_cast<unsigned>(N), kBlock, 0, stream>>>(
-      s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), valid.const_data_ptr<bool>(),
-      w.defined() ? w.const_data_ptr<acc_t>() : nullptr, loss.mutable_data_ptr<acc_t>(), GRAD ? grad.mutable_data_ptr<scalar_t>() : nullptr, P);
+  const scalar_t *sp = s.const_data_ptr<scalar_t>(), *tp = t.const_data_ptr<scalar_t>();
+  const bool* vp = valid.const_data_ptr<bool>();
+  const acc_t* wp = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
+  acc_t* lp = loss.mutable_data_ptr<acc_t>();
+  scalar_t* gp = GRAD ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+  if (!launch_dense_cluster<DIV, GRAD, scalar_t, acc_t>(sp, tp, vp, wp, lp, gp, P, N, s.device().index(), stream))
+    distill_dense_kernel<DIV, GRAD, scalar_t, acc_t><<<static_cast<unsigned>(N), kBlock, 0, stream>>>(sp, tp, vp, wp,
+                                                                                                 lp, gp, P);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,8 +1,10 @@
 // Block-level pieces of the CUDA distillation kernels (csrc/cuda/distill.cu, distill_cluster.cuh):
 // reductions — a sum and an online log-sum-exp merge ((max, sum of exp(x - max)) pairs), warp shuffles
 // first, then one value per warp via shared memory; every thread of the block gets the result; `red`
-// needs 2 * BLOCK / 32 + 2 elements — and the per-element loss and gradient passes over a row.
+// needs 2 * BLOCK / 32 + 2 elements — and the three per-element passes over a row.
 #pragma once
+#include <limits>
+
 #include "common/distill_math.h"
 
 namespace sdft::distill::cuda {
@@ -36,6 +38,27 @@ __device__ inline void block_lse(T& m, T& s, T* red) {
   for (int w = 1; w < BLOCK / 32; ++w) lse_merge(rm, rs, red[2 * w], red[2 * w + 1]);
   m = rm;
   s = rs;
+}
+
+// Pass 1 over the elements j = threadIdx.x, + BLOCK, ... < n of one row (z, t: its logits, in global or
+// shared memory): the online log-sum-exps (max, sum of exp) of z / T and t / T, reduced over the block
+// (every thread gets them). Returns whether any element is NaN or +inf.
+template <int BLOCK, typename scalar_t, typename acc_t>
+__device__ inline bool lse_pass(const scalar_t* z, const scalar_t* t, int64_t n, acc_t it, acc_t& ms, acc_t& zs,
+                                acc_t& mu, acc_t& zu, acc_t* red) {
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  ms = -inf, zs = 0, mu = -inf, zu = 0;
+  int bad = 0;
+  for (int64_t j = threadIdx.x; j < n; j += BLOCK) {
+    const acc_t a = static_cast<acc_t>(z[j]) * it, b = static_cast<acc_t>(t[j]) * it;
+    bad |= (a != a) | (b != b) | (a == inf) | (b == inf);
+    lse_merge(ms, zs, a, acc_t(1));
+    lse_merge(mu, zu, b, acc_t(1));
+  }
+  bad = __syncthreads_or(bad);
+  block_lse<BLOCK>(ms, zs, red);
+  block_lse<BLOCK>(mu, zu, red);
+  return bad != 0;
 }
 
 // What the element passes of a row need once its log-sum-exps are known: 1/T, each side's max and

@@ -65,17 +65,8 @@ __global__ void __launch_bounds__(BLOCK) distill_dense_cluster_kernel(
     cg::memcpy_async(block, static_cast<void*>(tsh), static_cast<const void*>(t), sizeof(scalar_t) * n);
   }
   cg::wait(block);
-  acc_t ms = -inf, zs = 0, mu = -inf, zu = 0;
-  int bad = 0;
-  for (int64_t j = tid; j < n; j += BLOCK) {
-    const acc_t a = static_cast<acc_t>(zsh[j]) * it, b = static_cast<acc_t>(tsh[j]) * it;
-    bad |= (a != a) | (b != b) | (a == inf) | (b == inf);
-    lse_merge(ms, zs, a, acc_t(1));
-    lse_merge(mu, zu, b, acc_t(1));
-  }
-  bad = __syncthreads_or(bad);
-  block_lse<BLOCK>(ms, zs, red);
-  block_lse<BLOCK>(mu, zu, red);
+  acc_t ms, zs, mu, zu;
+  int bad = lse_pass<BLOCK>(zsh, tsh, n, it, ms, zs, mu, zu, red);
   if (tid == 0) {
     part[0] = ms;
     part[1] = zs;
