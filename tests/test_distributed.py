@@ -1,6 +1,6 @@
-"""Data parallelism: 2 gloo ranks on CPU (forked by the test, loopback only) must reproduce one process.
+"""Data parallelism: 2 gloo ranks on CPU (spawned by the test, loopback only) must reproduce one process.
 
-One fork of 2 workers runs every distributed scenario (process start-up dominates the cost); the
+One spawn of 2 workers runs every distributed scenario (process start-up dominates the cost); the
 parent process computes the single-process references and compares:
   - DDP SDFT steps with uneven rows and valid tokens per rank == one process on the full batch;
   - FSDP2 (fully_shard) steps, resumed from a 1-process checkpoint == the uninterrupted run;
@@ -115,7 +115,7 @@ class _AlwaysEqual:
 
 
 def _worker(rank, world_size, port, tmp, run_cka):
-    torch.set_num_threads(1)  # forked child: one thread each, no OpenMP pool inherited
+    torch.set_num_threads(1)  # two ranks on a 2-core machine: one thread each
     os.environ.update(rank_env(port, RANK=rank, WORLD_SIZE=world_size, LOCAL_RANK=rank))
     world = D.init_world("gloo", timeout_s=90)
     assert (world.rank, world.world_size, world.is_distributed, world.is_main) == (rank, 2, True, rank == 0)
@@ -171,8 +171,10 @@ def _worker(rank, world_size, port, tmp, run_cka):
 
 
 def _run_ranks(tmp, port, run_cka, timeout=150):
+    # spawn, not fork: a CUDA build of torch refuses autograd in a child forked from a process that
+    # has run backward (every earlier test here), and this fixture runs backward itself.
     ctx = mp.start_processes(_worker, args=(2, port, tmp, run_cka), nprocs=2, join=False,
-                             start_method="fork")
+                             start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
