@@ -9,6 +9,9 @@ Environment:
 """
 import glob
 import os
+import re
+import shutil
+import subprocess
 
 from setuptools import setup
 import torch
@@ -19,6 +22,21 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _cuda_home():
+    """The CUDA toolkit's root. torch takes the directory above `which nvcc`, which is wrong where nvcc is
+    a wrapper script outside the toolkit (/usr/local/bin/nvcc: no libcudart there, the link fails);
+    nvcc itself knows (`--dryrun` prints TOP=<toolkit>/bin/..). An explicit CUDA_HOME / CUDA_PATH wins."""
+    home = cpp_extension.CUDA_HOME
+    has_cudart = lambda h: bool(h and glob.glob(os.path.join(h, "lib*", "libcudart.so*")))  # noqa: E731
+    if has_cudart(home) or os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or not shutil.which("nvcc"):
+        return home
+    dry = subprocess.run(["nvcc", "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                         capture_output=True, text=True).stderr
+    top = re.search(r"^#\$ TOP=(.+)$", dry, re.M)
+    found = os.path.realpath(top.group(1).strip()) if top else None
+    return found if has_cudart(found) else home
 
 
 def _want_cuda():
@@ -32,6 +50,7 @@ def extension():
     cxx = ["-O3", "-std=c++20", "-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _want_cuda():
+        cpp_extension.CUDA_HOME = _cuda_home()  # read by the build steps at call time
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         return cpp_extension.CUDAExtension(

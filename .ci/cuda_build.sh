@@ -16,11 +16,9 @@ VENV=${CUDA_VENV:-$ROOT/.venv-cuda}
 TREE=${CUDA_TREE:-$ROOT/build/cuda_tree}
 NVCC=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
 if [ ! -x "$NVCC" ]; then echo "cuda_build: nvcc not found (set NVCC)"; exit 1; fi
-# nvcc may be a wrapper script outside the toolkit: ask it where the toolkit is (torch's own guess,
-# the directory above `which nvcc`, finds no libcudart then).
-CUDA_HOME=${CUDA_HOME:-$(cd "$("$NVCC" --dryrun -c /dev/null -x cu -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)" && pwd)}
-export CUDA_HOME TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0} MAX_JOBS=${MAX_JOBS:-2}
-echo "cuda_build: nvcc $("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), CUDA_HOME=$CUDA_HOME, archs $TORCH_CUDA_ARCH_LIST"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0} MAX_JOBS=${MAX_JOBS:-2}
+# No CUDA_HOME set here: setup.py finds the toolkit itself (this machine's nvcc is a wrapper outside it).
+echo "cuda_build: nvcc $("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), archs $TORCH_CUDA_ARCH_LIST"
 
 rm -rf "$VENV" "$TREE"
 python3 -m venv "$VENV"
