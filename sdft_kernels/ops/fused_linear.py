@@ -49,8 +49,11 @@ def _linear_into(out, x, w, b):
 
 
 # addmm with out_dtype (a bf16/fp16 GEMM that adds its float32 accumulators into a float32 output) has
-# a CUDA kernel only; the overload's presence says the torch build knows it.
+# a CUDA kernel only; the overload's presence says the torch build knows it. Tracing it (torch.compile,
+# fake tensors) needs torch >= 2.13: before, the plain addmm decomposition took the overload and failed
+# (seen with 2.11+cu130, the GPU machines' torch), so there it runs in eager mode only.
 _ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
+_ADDMM_OUT_DTYPE_TRACES = _ADDMM_OUT_DTYPE and torch.__version__ >= "2.13"
 
 
 def _add_product_fp32_(acc, a, b):
@@ -58,7 +61,7 @@ def _add_product_fp32_(acc, a, b):
     acc directly: no per-chunk rounding of the weight gradient to bf16 and no [V, H] temporary (0.5 GB
     a chunk at V=128256, H=2048). Elsewhere the product is formed in the input dtype (its GEMM still
     accumulates in float32 inside) and added."""
-    if _ADDMM_OUT_DTYPE and acc.device.type == "cuda":
+    if acc.device.type == "cuda" and _ADDMM_OUT_DTYPE and (_ADDMM_OUT_DTYPE_TRACES or not traced(acc)):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc.add_(a @ b)
