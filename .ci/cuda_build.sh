@@ -16,6 +16,7 @@ VENV=${CUDA_VENV:-$ROOT/.venv-cuda}
 TREE=${CUDA_TREE:-$ROOT/build/cuda_tree}
 NVCC=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
 if [ ! -x "$NVCC" ]; then echo "cuda_build: nvcc not found (set NVCC)"; exit 1; fi
+OUTER_PY=${PYTHON:-$(command -v python || command -v python3)}  # the caller's (CPU torch): the fallback's
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0} MAX_JOBS=${MAX_JOBS:-2}
 # No CUDA_HOME set here: setup.py finds the toolkit itself (this machine's nvcc is a wrapper outside it).
 echo "cuda_build: nvcc $("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), archs $TORCH_CUDA_ARCH_LIST"
@@ -28,7 +29,7 @@ pip install -q --upgrade pip setuptools wheel
 if ! pip install -q "${CUDA_TORCH:-torch==2.14.1}" ninja; then
   echo "cuda_build: WARNING: no CUDA build of torch could be installed; link check skipped, objects only"
   deactivate
-  exec bash .ci/compile_cuda.sh
+  PYTHON=$OUTER_PY exec bash .ci/compile_cuda.sh
 fi
 python -c "import torch, sys; print('cuda_build: torch', torch.__version__, 'CUDA', torch.version.cuda); sys.exit(torch.version.cuda is None)"
 
