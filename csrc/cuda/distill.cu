@@ -57,22 +57,17 @@ __global__ void __launch_bounds__(kBlock) distill_dense_kernel(
   scalar_t* g = GRAD ? G + row * V : nullptr;
   const acc_t it = P.inv_tau;
   if (!valid[row]) {
-    if (GRAD)
-      for (int64_t j = tid; j < V; j += kBlock) g[j] = scalar_t(0);
-    if (tid == 0) loss[row] = acc_t(0);
+    finish_row<kBlock>(g, V, loss + row, tid == 0, acc_t(0));
     return;
   }
   // Pass 1: online log-sum-exp of s and u; flag NaN / +inf.
   acc_t ms, zs, mu, zu;
   const bool bad = lse_pass<kBlock>(z, t, V, it, ms, zs, mu, zu, red);
   if (bad || !(zs > 0) || !(zu > 0)) {  // zs = 0: no finite student entry (all -inf)
-    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-    if (GRAD)
-      for (int64_t j = tid; j < V; j += kBlock) g[j] = static_cast<scalar_t>(nan);
-    if (tid == 0) loss[row] = nan;
+    finish_row<kBlock>(g, V, loss + row, tid == 0, std::numeric_limits<acc_t>::quiet_NaN());
     return;
   }
-  const RowStats<acc_t> R{it, ms, acc_t(::log(zs)), mu, acc_t(::log(zu)), W ? it * W[row] : it};  // gs: 1/T x row weight
+  const RowStats<acc_t> R = row_stats(it, ms, zs, mu, zu, W, row);
   // Pass 2: loss terms (+ forward-KL gradient).
   acc_t L = 0, K = 0;
   loss_pass<DIV, GRAD, kBlock>(z, t, g, V, R, P, L, K);

@@ -70,6 +70,23 @@ struct RowStats {
   acc_t it, ms, lzs, mu, lzu, gs;
 };
 
+// A row's RowStats from its log-sum-exps: gs = 1/T x the row weight W[row] (W null: weight 1).
+template <typename acc_t>
+__device__ inline RowStats<acc_t> row_stats(acc_t it, acc_t ms, acc_t zs, acc_t mu, acc_t zu, const acc_t* W,
+                                            int64_t row) {
+  return {it, ms, acc_t(::log(zs)), mu, acc_t(::log(zu)), W ? it * W[row] : it};
+}
+
+// Ends a row without its element passes: an ignored row (v = 0), or one with a NaN / +inf or no finite
+// entry (v = NaN). Sets the gradient slice g[0, n) (g null: no gradient wanted) and, from the one thread
+// that `writes` it, the row's loss to v.
+template <int BLOCK, typename scalar_t, typename acc_t>
+__device__ inline void finish_row(scalar_t* g, int64_t n, acc_t* loss, bool writes, acc_t v) {
+  if (g)
+    for (int64_t j = threadIdx.x; j < n; j += BLOCK) g[j] = static_cast<scalar_t>(v);
+  if (writes) *loss = v;
+}
+
 // Pass 2 over the elements j = threadIdx.x, + BLOCK, ... < n of one row (z, t: its logits, in global or
 // shared memory; g: its gradient, which may alias z: element j is read before it is written): adds the
 // loss terms to L (and KL(q||m) to K for JSD) and, for forward KL, writes the gradient.

@@ -49,9 +49,7 @@ __global__ void __launch_bounds__(BLOCK) distill_dense_cluster_kernel(
   // valid[row], and below the exchanged statistics, are the same for every block of the cluster, so
   // every early return is taken by the whole cluster (no block waits at a cluster.sync alone).
   if (!valid[row]) {
-    if (GRAD)
-      for (int64_t j = tid; j < n; j += BLOCK) g[j] = scalar_t(0);
-    if (rank == 0 && tid == 0) loss[row] = acc_t(0);
+    finish_row<BLOCK>(g, n, loss + row, rank == 0 && tid == 0, acc_t(0));
     return;
   }
   // Pass 1: the slice into shared memory by asynchronous copies (cp.async: many bytes in flight per
@@ -84,13 +82,10 @@ __global__ void __launch_bounds__(BLOCK) distill_dense_cluster_kernel(
   }
   cluster.sync();  // every block has read every part: they may be rewritten
   if (bad || !(zs > 0) || !(zu > 0)) {
-    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-    if (GRAD)
-      for (int64_t j = tid; j < n; j += BLOCK) g[j] = static_cast<scalar_t>(nan);
-    if (rank == 0 && tid == 0) loss[row] = nan;
+    finish_row<BLOCK>(g, n, loss + row, rank == 0 && tid == 0, std::numeric_limits<acc_t>::quiet_NaN());
     return;
   }
-  const RowStats<acc_t> R{it, ms, acc_t(::log(zs)), mu, acc_t(::log(zu)), W ? it * W[row] : it};  // gs: 1/T x row weight
+  const RowStats<acc_t> R = row_stats(it, ms, zs, mu, zu, W, row);
   // Pass 2, from shared memory: loss terms (+ forward-KL gradient).
   acc_t L = 0, K = 0;
   loss_pass<DIV, GRAD, BLOCK>(zsh, tsh, g, n, R, P, L, K);

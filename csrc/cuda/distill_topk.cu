@@ -69,9 +69,7 @@ __global__ void __launch_bounds__(kBlock) distill_topk_kernel(
   scalar_t* g = G ? G + row * V : nullptr;
   const acc_t it = P.inv_tau, inf = std::numeric_limits<acc_t>::infinity();
   if (!valid[row]) {
-    if (g)
-      for (int64_t j = tid; j < V; j += kBlock) g[j] = scalar_t(0);
-    if (tid == 0) loss[row] = acc_t(0);
+    finish_row<kBlock>(g, V, loss + row, tid == 0, acc_t(0));
     return;
   }
   const int64_t words = (V + 31) / 32;
@@ -101,10 +99,7 @@ __global__ void __launch_bounds__(kBlock) distill_topk_kernel(
   bad = __syncthreads_or(bad);
   psum = block_sum<kBlock>(psum, redd);
   if (bad || !(zs > 0) || psum > 1.01) {  // listed mass above 1: not one distribution (as on CPU)
-    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-    if (g)
-      for (int64_t j = tid; j < V; j += kBlock) g[j] = static_cast<scalar_t>(nan);
-    if (tid == 0) loss[row] = nan;
+    finish_row<kBlock>(g, V, loss + row, tid == 0, std::numeric_limits<acc_t>::quiet_NaN());
     return;
   }
   const acc_t lzs = ::log(zs);  // log q_j = (z_j / T - ms) - lzs, as in the dense kernel
