@@ -88,8 +88,7 @@ def test_distill_dense_matches_cpu(V, cluster, dtype):
     valid = torch.tensor([True, False, True])
     weight = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     for div, beta in DENSE:
-        for grad in (True, False):
-            w = weight if grad and div == JSD else None
+        for grad, w in ((False, None), (True, None), (True, weight)):
             le, ge = both_orders(lambda: E.distill_dense(s, t, valid, w, div, beta, 1.7, grad))
             lc, gc = C.distill_dense(s, t, valid, w, div, beta, 1.7, grad)
             assert_close(le, lc, torch.float32 if dtype != torch.float64 else dtype, f"loss div={div} beta={beta}")
@@ -209,6 +208,15 @@ def test_distill_topk_matches_cpu(V, k, dtype):
             if grad:
                 assert_close(ge, gc, dtype, f"grad div={div}")
             assert kernels_run() == ["distill_topk_kernel<scalar_t,"]
+
+
+def test_distill_topk_refuses_a_vocabulary_its_bitmap_cannot_hold():
+    build.configure()
+    s = torch.zeros(1, 400_000)
+    with pytest.raises(RuntimeError, match="student_logits: the CUDA top-k kernel supports V <= "):
+        E.distill_topk(s, torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.bool),
+                       FWD, 0.5, 1.0, True)
+    assert build.launches() == []
 
 
 def test_distill_topk_bad_rows_get_nan():
