@@ -12,6 +12,7 @@ directory (the rewritten files are kept there to read):
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -20,7 +21,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-CSRC = ROOT / "csrc"
+# SDFT_EMU_CSRC / SDFT_EMU_BUILD: another source tree and build directory (mutate.py's planted bugs)
+CSRC = Path(os.environ.get("SDFT_EMU_CSRC", ROOT / "csrc"))
 
 _LAUNCH = re.compile(r"^(\s*)(\S.*?)<<<(.*?)>>>\(", re.M)
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:<> ]+?)\s+(\w+)\[\];")
@@ -55,7 +57,7 @@ def load(build_dir: str | os.PathLike | None = None, verbose: bool = False) -> N
     torch.ops.sdft_emu.<op> (the CUDA kernels, on CPU tensors) and torch.ops.sdft_emu_ctl."""
     from torch.utils.cpp_extension import load as load_ext
 
-    build = Path(build_dir or ROOT / "build" / "cuda_emu")
+    build = Path(build_dir or os.environ.get("SDFT_EMU_BUILD", ROOT / "build" / "cuda_emu"))
     src_dir = build / "src"
     sources = [str(HERE / "emu.cpp")]
     for f in sorted((CSRC / "cuda").iterdir()):
@@ -86,6 +88,17 @@ def load(build_dir: str | os.PathLike | None = None, verbose: bool = False) -> N
 
 def configure(order: int = 0, sm_major: int = 9, ptx_version: int = 90, max_active_clusters: int = 1) -> None:
     torch.ops.sdft_emu_ctl.configure(order, sm_major, ptx_version, max_active_clusters)
+
+
+@contextlib.contextmanager
+def guarded():
+    """CPU tensors allocated inside end where a PROT_NONE page begins (emu.cpp): a kernel accessing past
+    the end of one is reported as the launch's failure."""
+    torch.ops.sdft_emu_ctl.guard(True)
+    try:
+        yield
+    finally:
+        torch.ops.sdft_emu_ctl.guard(False)
 
 
 def launches() -> list[str]:

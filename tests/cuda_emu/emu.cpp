@@ -1,6 +1,8 @@
 // The emulator's scheduler and runtime (see emu.h for what it checks). One fiber per CUDA thread, all
 // on one OS thread; a block runs alone, or with the other blocks of its cluster.
+#include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <torch/library.h>
 #include <ucontext.h>
@@ -9,6 +11,7 @@
 #include <cstdlib>
 #include <map>
 #include <memory>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 
@@ -161,6 +164,7 @@ void* cur_call = nullptr;
 const void* cur_func = nullptr;
 size_t cur_smem = 0;
 std::vector<void*> stack_pool;
+std::set<uintptr_t> stack_guards;  // the first page of every fiber stack
 
 std::string where(const Fiber* f) {
   std::ostringstream o;
@@ -184,6 +188,7 @@ void* take_stack() {
   void* s = mmap(nullptr, kStack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   TORCH_CHECK(s != MAP_FAILED, "emulator: out of memory for fiber stacks");
   mprotect(s, 4096, PROT_NONE);  // a stack overflow faults instead of corrupting its neighbour
+  stack_guards.insert(reinterpret_cast<uintptr_t>(s));
   return s;
 }
 
@@ -416,6 +421,90 @@ void run_group(const std::vector<uint3>& idx, dim3 block) {
   free_group(g, fibers);
 }
 
+// ---- global-memory bounds: a guard-page CPU allocator and a SIGSEGV handler ----
+// While guard(true) is on, every CPU tensor allocation ends (to 16 bytes) where a PROT_NONE page
+// begins, so a kernel that reads or writes past the end of an output or input allocated then faults;
+// the handler turns that fault, or a fiber's stack overflow, into the launch's failure (the fiber is
+// abandoned, as on any other violation). Other faults go to the handler that was there before.
+constexpr size_t kPage = 4096;
+std::set<uintptr_t> tensor_guards;  // guard pages of live guarded allocations
+
+struct Guarded {
+  void* base;
+  size_t total;
+};
+
+void free_guarded(void* ctx) {
+  auto* g = static_cast<Guarded*>(ctx);
+  tensor_guards.erase(reinterpret_cast<uintptr_t>(g->base) + g->total - kPage);
+  munmap(g->base, g->total);
+  delete g;
+}
+
+struct GuardAllocator final : c10::Allocator {
+  c10::DataPtr allocate(size_t n) override {
+    if (n == 0) return {nullptr, nullptr, nullptr, c10::Device(c10::DeviceType::CPU)};
+    const size_t body = (n + 15) / 16 * 16, pages = (body + kPage - 1) / kPage, total = (pages + 1) * kPage;
+    void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(base != MAP_FAILED, "emulator: out of memory for a guarded allocation of ", n, " bytes");
+    auto* page = static_cast<char*>(base) + pages * kPage;
+    mprotect(page, kPage, PROT_NONE);
+    tensor_guards.insert(reinterpret_cast<uintptr_t>(page));
+    return {page - body, new Guarded{base, total}, &free_guarded, c10::Device(c10::DeviceType::CPU)};
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
+};
+
+GuardAllocator guard_allocator;
+c10::Allocator* saved_allocator = nullptr;
+struct sigaction saved_segv;
+std::vector<char> alt_stack(64 * 1024);
+
+bool in_page(const std::set<uintptr_t>& pages, uintptr_t a) {
+  auto it = pages.upper_bound(a);
+  return it != pages.begin() && a - *std::prev(it) < kPage;
+}
+
+void on_segv(int, siginfo_t* si, void*) {
+  const auto a = reinterpret_cast<uintptr_t>(si->si_addr);
+  const bool tensor = in_page(tensor_guards, a), stack = in_page(stack_guards, a);
+  if (cur && (tensor || stack)) {
+    // (not async-signal-safe in general; this fault is synchronous, in kernel code, on this thread)
+    if (failure.empty())
+      failure = where(cur) + (tensor ? ": accessed global memory past the end of a tensor allocation"
+                                     : ": overflowed its fiber stack");
+    cur->st = kDone;
+    ++finished;
+    sigset_t m;
+    sigemptyset(&m);
+    sigaddset(&m, SIGSEGV);
+    sigprocmask(SIG_UNBLOCK, &m, nullptr);
+    switch_to(cur->ctx, sched_ctx);  // never resumed
+  }
+  sigaction(SIGSEGV, &saved_segv, nullptr);  // not ours: the fault recurs under the previous handler
+}
+
+void guard(bool on) {
+  if (on == (saved_allocator != nullptr)) return;
+  if (on) {
+    saved_allocator = c10::GetCPUAllocator();
+    c10::SetCPUAllocator(&guard_allocator, 255);
+    stack_t ss{};
+    ss.ss_sp = alt_stack.data();
+    ss.ss_size = alt_stack.size();
+    sigaltstack(&ss, nullptr);
+    struct sigaction sa {};
+    sa.sa_sigaction = on_segv;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &saved_segv);
+  } else {
+    c10::SetCPUAllocator(saved_allocator, 255);
+    saved_allocator = nullptr;
+    sigaction(SIGSEGV, &saved_segv, nullptr);
+  }
+}
+
 Block& block_of_cur() {
   if (!cur) throw Violation("a device function called outside a kernel");
   return *cur->blk;
@@ -596,4 +685,5 @@ std::string launches() { return launch_log; }
 TORCH_LIBRARY(sdft_emu_ctl, m) {
   m.def("configure(int order, int sm_major, int ptx_version, int max_active_clusters) -> ()", &emu::configure);
   m.def("launches() -> str", &emu::launches);
+  m.def("guard(bool on) -> ()", &emu::guard);
 }

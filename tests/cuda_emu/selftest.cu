@@ -80,6 +80,8 @@ __global__ void big_dynamic_smem(float* out) {
   out[threadIdx.x] = dyn[threadIdx.x];
 }
 
+__global__ void global_overflow(float* out) { out[threadIdx.x + 1] = 0; }  // thread 63 writes out[64]
+
 at::Tensor run(const std::string& bug) {
   at::Tensor out = at::empty({kN}, at::kFloat), src = at::empty({kN}, at::kFloat).fill_(1.0);
   float* o = out.mutable_data_ptr<float>();
@@ -107,6 +109,8 @@ at::Tensor run(const std::string& bug) {
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, map_exited_rank, o));
+  } else if (bug == "global_overflow") {
+    global_overflow<<<1, kN>>>(o);
   } else if (bug == "big_dynamic_smem") {
     big_dynamic_smem<<<1, kN, 64 * 1024>>>(o);
   } else {
