@@ -101,13 +101,14 @@ struct Group {
 enum State { kReady, kWaiting, kDone };
 
 // Switching fibers: on x86-64 a few instructions that save the callee-saved registers and swap stacks
-// (glibc's swapcontext also saves the signal mask, a system call per switch: 3x slower here); elsewhere
-// ucontext.
+// (glibc's swapcontext also saves the signal mask, a system call per switch: the emulated tests took
+// 10x longer with it); elsewhere ucontext.
 #if defined(__x86_64__)
 extern "C" void emu_switch(void** save_sp, void* next_sp);
 asm(R"(
 .text
 .globl emu_switch
+.hidden emu_switch
 .type emu_switch, @function
 emu_switch:
   pushq %rbp
@@ -552,7 +553,7 @@ void run_grid(const char* name, const void* func, dim3 grid, dim3 block, size_t 
   TORCH_CHECK(f.empty(), "emulated kernel ", name, ": ", f);
 }
 
-void* shared_var(const void* key, size_t bytes, size_t, const char* file, int line) {
+void* shared_var(const void* key, size_t bytes, const char* file, int line) {
   Block& b = block_of_cur();
   for (const Alloc& a : b.allocs)
     if (a.key == key) return a.p;
@@ -592,7 +593,7 @@ int syncthreads_or(int pred, const char* file, int line) {
 
 void warp_exchange(const void* v, size_t bytes, void* out, int x, int down, unsigned mask, const char* file,
                    int line) {
-  Block& b = block_of_cur();
+  block_of_cur();  // inside a kernel
   if (mask != 0xffffffffu) throw Violation("the emulator supports full-warp shuffle masks only");
   Warp& w = warp_of(cur);
   if (w.bar.expected != 32) throw Violation("a full-mask shuffle in a warp of fewer than 32 threads");
@@ -602,7 +603,6 @@ void warp_exchange(const void* v, size_t bytes, void* out, int x, int down, unsi
   unsigned src = x >= 0 ? lane ^ unsigned(x) : lane + unsigned(down);
   if (src >= 32) src = lane;  // __shfl_down_sync past the last lane returns the caller's own value
   std::memcpy(out, w.snap[src], bytes);
-  (void)b;
 }
 
 void cluster_sync(const char* file, int line) { arrive(block_of_cur().group->bar, file, line); }

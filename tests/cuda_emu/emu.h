@@ -93,7 +93,7 @@ using Body = void (*)(void*);  // runs the kernel for the current fiber; the arg
 void run_grid(const char* name, const void* func, dim3 grid, dim3 block, size_t smem, unsigned cluster_x,
               Body body, void* call);
 
-void* shared_var(const void* key, size_t bytes, size_t align, const char* file, int line);
+void* shared_var(const void* key, size_t bytes, const char* file, int line);  // 64-byte aligned
 void* dynamic_shared();
 void* map_shared_rank(const void* p, unsigned rank);
 void syncthreads(const char* file, int line);
@@ -113,7 +113,8 @@ cudaError_t max_active_clusters(int* n, const void* func, const cudaLaunchConfig
 
 template <class T>
 T& shared(const void* key, const char* file, int line) {
-  return *static_cast<T*>(shared_var(key, sizeof(T), alignof(T) < 16 ? 16 : alignof(T), file, line));
+  static_assert(alignof(T) <= 64, "emu: shared variables are 64-byte aligned");
+  return *static_cast<T*>(shared_var(key, sizeof(T), file, line));
 }
 template <class T>
 T* dynamic_shared_as() {
