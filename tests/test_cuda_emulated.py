@@ -102,6 +102,23 @@ def test_distill_dense_matches_cpu(V, cluster, dtype):
             assert kernels_run() == [expect]
 
 
+@pytest.mark.parametrize("V,dtype,kernel", [
+    (50_000, torch.float32, "cudaLaunchKernelEx"),      # 50 KiB of slices: above 48 KiB, needs the opt-in
+    (128_256, torch.bfloat16, "cudaLaunchKernelEx"),    # Llama 3's vocabulary: 64 KiB
+    (262_144, torch.bfloat16, "cudaLaunchKernelEx"),    # 128 KiB
+    (262_144, torch.float32, "distill_dense_kernel<DIV,"),  # 256 KiB: beyond the 227 KiB opt-in -> one block
+])
+def test_distill_dense_large_rows_and_the_shared_memory_opt_in(V, dtype, kernel):
+    s, t = logits(1, V, dtype, 18), logits(1, V, dtype, 19)
+    valid = torch.ones(1, dtype=torch.bool)
+    for div in (FWD, JSD):
+        le, ge = both_orders(lambda: E.distill_dense(s, t, valid, None, div, 0.5, 1.0, True))
+        lc, gc = C.distill_dense(s, t, valid, None, div, 0.5, 1.0, True)
+        assert_close(le, lc, torch.float32, f"loss div={div}")
+        assert_close(ge, gc, dtype, f"grad div={div}")
+        assert kernels_run() == [kernel]
+
+
 def test_distill_dense_extreme_rows():
     """-inf entries on both sides, +-1e4 logits, a row of one finite entry: as the CPU kernel computes."""
     for V in (600, 4100):
