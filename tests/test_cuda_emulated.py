@@ -3,9 +3,10 @@ CPU kernels (themselves tested against float64 references) on the same inputs.
 
 What this proves without a GPU: each kernel's indexing, reductions, barriers, warp shuffles, cluster
 exchange through distributed shared memory, in-place aliasing and its launcher's choices (grid, shared
-memory, which kernel) are right. Every case runs twice, with the threads of each barrier interval in
-opposite orders: a result that differs between the two is a race. Not proven: speed, and what the
-emulator does not model (emu.h); the GPU session's gpu_check.sh still runs the real thing.
+memory, which kernel) are right, and that they stay inside their outputs. Every case runs under two
+greedy schedules (the first ready thread always runs next, then the last): a result that differs
+between the two is a race. Not proven: speed, and what the emulator does not model (emu.h); the GPU
+session's gpu_check.sh still runs the real thing.
 """
 import sys
 from pathlib import Path

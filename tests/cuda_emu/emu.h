@@ -17,9 +17,11 @@
 //   runs next, so one warp runs ahead of the others as far as the barriers let it, as warps may on a
 //   GPU; the tests run every case in both orders, and a result that differs between them is a race;
 // - launches are checked as the driver does: block <= 1024 threads, grid limits, dynamic shared memory
-//   above 48 KiB only after cudaFuncSetAttribute, a grid divisible by the cluster size.
-// Not emulated: the memory model beyond barriers, global-memory bounds (the tests pad their inputs),
-// timing, and the device math library (the host math of csrc/common is used, as the CPU kernels do).
+//   above 48 KiB only after cudaFuncSetAttribute, a grid divisible by the cluster size;
+// - with guard(true) (emu.cpp), tensors allocated meanwhile end at a PROT_NONE page: an access past the
+//   end of a kernel's output is the launch's error (the tests pad their inputs with NaN rows).
+// Not emulated: the memory model beyond barriers, accesses before the start of a tensor, timing, and
+// the device math library (the host math of csrc/common is used, as the CPU kernels do).
 #pragma once
 #include <cstddef>
 #include <cstdint>
