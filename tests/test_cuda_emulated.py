@@ -78,6 +78,18 @@ def kernels_run():
     return [line.split(" ")[0] for line in build.launches()]
 
 
+def dense_vs_cpu(s, t, valid, w, div, beta, temperature, grad, what):
+    """distill_dense emulated (both schedules) and on CPU: asserts loss and gradient agree; returns the
+    emulated (loss, grad)."""
+    le, ge = both_orders(lambda: E.distill_dense(s, t, valid, w, div, beta, temperature, grad))
+    lc, gc = C.distill_dense(s, t, valid, w, div, beta, temperature, grad)
+    assert_close(le, lc, torch.float64 if s.dtype == torch.float64 else torch.float32, f"loss {what}")
+    assert ge.shape == gc.shape and ge.dtype == gc.dtype
+    if grad:
+        assert_close(ge, gc, s.dtype, f"grad {what}")
+    return le, ge
+
+
 # ---- distill_dense: the one-block kernel and (V >= 4096 on sm_90) the cluster kernel ----
 
 DENSE = [(div, beta) for div, beta in ((FWD, 0.5), (REV, 0.5), (JSD, 0.5), (JSD, 0.1), (JSD, 0.0), (JSD, 1.0))]
@@ -92,12 +104,8 @@ def test_distill_dense_matches_cpu(V, cluster, dtype):
     weight = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     for div, beta in DENSE:
         for grad, w in ((False, None), (True, None), (True, weight)):
-            le, ge = both_orders(lambda: E.distill_dense(s, t, valid, w, div, beta, 1.7, grad))
-            lc, gc = C.distill_dense(s, t, valid, w, div, beta, 1.7, grad)
-            assert_close(le, lc, torch.float32 if dtype != torch.float64 else dtype, f"loss div={div} beta={beta}")
-            assert ge.shape == gc.shape and ge.dtype == gc.dtype
+            _, ge = dense_vs_cpu(s, t, valid, w, div, beta, 1.7, grad, f"div={div} beta={beta}")
             if grad:
-                assert_close(ge, gc, dtype, f"grad div={div} beta={beta}")
                 assert torch.all(ge[1] == 0), "an invalid row gets gradient 0"
             expect = "cudaLaunchKernelEx" if cluster and dtype != torch.float64 else "distill_dense_kernel<DIV,"
             assert kernels_run() == [expect]
@@ -113,10 +121,7 @@ def test_distill_dense_large_rows_and_the_shared_memory_opt_in(V, dtype, kernel)
     s, t = logits(1, V, dtype, 18), logits(1, V, dtype, 19)
     valid = torch.ones(1, dtype=torch.bool)
     for div in (FWD, JSD):
-        le, ge = both_orders(lambda: E.distill_dense(s, t, valid, None, div, 0.5, 1.0, True))
-        lc, gc = C.distill_dense(s, t, valid, None, div, 0.5, 1.0, True)
-        assert_close(le, lc, torch.float32, f"loss div={div}")
-        assert_close(ge, gc, dtype, f"grad div={div}")
+        dense_vs_cpu(s, t, valid, None, div, 0.5, 1.0, True, f"div={div}")
         assert kernels_run() == [kernel]
 
 
@@ -132,10 +137,7 @@ def test_distill_dense_extreme_rows():
         t[2, 1:] = float("-inf")
         valid = torch.ones(4, dtype=torch.bool)
         for div in (FWD, REV, JSD):
-            le, ge = both_orders(lambda: E.distill_dense(s, t, valid, None, div, 0.5, 1.0, True))
-            lc, gc = C.distill_dense(s, t, valid, None, div, 0.5, 1.0, True)
-            assert_close(le, lc, torch.float32, f"loss V={V} div={div}")
-            assert_close(ge, gc, torch.float32, f"grad V={V} div={div}")
+            dense_vs_cpu(s, t, valid, None, div, 0.5, 1.0, True, f"V={V} div={div}")
 
 
 def test_distill_dense_bad_rows_get_nan_loss_and_gradient():

@@ -24,7 +24,7 @@ namespace emu {
 namespace {
 
 struct Config {
-  int64_t order = 0;                 // 0: fibers in index order within a barrier interval, 1: reversed
+  int64_t order = 0;                 // 0: the first ready fiber runs next (greedy), 1: the last
   int64_t sm_major = 9;              // cudaDevAttrComputeCapabilityMajor
   int64_t ptx_version = 90;          // cudaFuncAttributes::ptxVersion
   int64_t max_active_clusters = 1;   // cudaOccupancyMaxActiveClusters
@@ -272,9 +272,10 @@ void arrive(Barrier& b, const char* file, int line) {
 
 Warp& warp_of(Fiber* f) { return f->blk->warps[f->linear / 32]; }
 
-void check_exit(const Barrier& b, Fiber* f) {
+// (Violations thrown in a fiber are prefixed with where() it happened by trampoline.)
+void check_exit(const Barrier& b) {
   if (b.arrived > 0)
-    throw Violation(where(f) + " exited while " + std::to_string(b.arrived) + " threads wait at " + b.what + " (" +
+    throw Violation("exited while " + std::to_string(b.arrived) + " threads wait at " + b.what + " (" +
                     site(b.file, b.line) + ")");
 }
 
@@ -288,7 +289,7 @@ void end_block(Block& b) {
         std::ostringstream o;
         o << "shared memory written " << (k - a.bytes) << " bytes past the end of "
           << (i == 0 ? std::string("the dynamic shared memory") : "the variable declared at " + site(a.file, a.line))
-          << " (" << a.bytes << " bytes) by block (" << b.idx.x << "," << b.idx.y << "," << b.idx.z << ")";
+          << " (" << a.bytes << " bytes) by this block";
         throw Violation(o.str());
       }
     std::memset(a.p, kPoison, a.bytes + kRedZone);  // what a block that exited leaves to its cluster
@@ -310,9 +311,9 @@ void on_exit(Fiber* f) {
   f->st = kDone;
   ++finished;
   Block& b = *f->blk;
-  check_exit(b.bar, f);
-  check_exit(warp_of(f).bar, f);
-  check_exit(b.group->bar, f);
+  check_exit(b.bar);
+  check_exit(warp_of(f).bar);
+  check_exit(b.group->bar);
   if (++b.done == b.fibers.size()) end_block(b);
 }
 
@@ -323,24 +324,21 @@ void trampoline() {
     on_exit(f);
   } catch (const std::exception& e) {
     if (failure.empty()) failure = where(f) + ": " + e.what();
-    f->st = kDone;
-    ++finished;
+    if (f->st != kDone) {  // (on_exit may have marked it before its checks threw)
+      f->st = kDone;
+      ++finished;
+    }
   }
 }
 
 std::string deadlock(const std::vector<Fiber*>& all) {
   std::map<std::string, int> at;
-  int done = 0;
-  for (Fiber* f : all) {
-    if (f->st == kDone)
-      ++done;
-    else if (f->on)
-      ++at[std::string(f->on->what) + " at " + site(f->on->file, f->on->line)];
-  }
+  for (Fiber* f : all)
+    if (f->st != kDone && f->on) ++at[std::string(f->on->what) + " at " + site(f->on->file, f->on->line)];
   std::ostringstream o;
   o << "deadlock:";
   for (const auto& [k, n] : at) o << " " << n << " threads wait at " << k << ";";
-  o << " " << done << " exited";
+  o << " " << finished << " exited";
   return o.str();
 }
 
