@@ -91,14 +91,15 @@ def configure(order: int = 0, sm_major: int = 9, ptx_version: int = 90, max_acti
 
 
 @contextlib.contextmanager
-def guarded():
-    """CPU tensors allocated inside end where a PROT_NONE page begins (emu.cpp): a kernel accessing past
-    the end of one is reported as the launch's failure."""
-    torch.ops.sdft_emu_ctl.guard(True)
+def guarded(at: str = "end"):
+    """CPU tensors allocated inside end (at="end") or start (at="start") where a PROT_NONE page begins
+    or ends (emu.cpp): a kernel accessing past the end, or before the start, of one is reported as the
+    launch's failure."""
+    torch.ops.sdft_emu_ctl.guard({"end": 1, "start": 2}[at])
     try:
         yield
     finally:
-        torch.ops.sdft_emu_ctl.guard(False)
+        torch.ops.sdft_emu_ctl.guard(0)
 
 
 def launches() -> list[str]:

@@ -421,12 +421,15 @@ void run_group(const std::vector<uint3>& idx, dim3 block) {
 }
 
 // ---- global-memory bounds: a guard-page CPU allocator and a SIGSEGV handler ----
-// While guard(true) is on, every CPU tensor allocation ends (to 16 bytes) where a PROT_NONE page
-// begins, so a kernel that reads or writes past the end of an output or input allocated then faults;
-// the handler turns that fault, or a fiber's stack overflow, into the launch's failure (the fiber is
-// abandoned, as on any other violation). Other faults go to the handler that was there before.
+// While guard(mode) is on, every CPU tensor allocation lies between two PROT_NONE pages and touches one
+// of them: mode 1 ends it (to 16 bytes) where the upper page begins, mode 2 starts it where the lower
+// page ends. A kernel that reads or writes past the end (mode 1) or before the start (mode 2) of an
+// output or input allocated then faults; the tests run one schedule under each mode. The handler turns
+// that fault, or a fiber's stack overflow, into the launch's failure (the fiber is abandoned, as on any
+// other violation). Other faults go to the handler that was there before.
 constexpr size_t kPage = 4096;
 std::set<uintptr_t> tensor_guards;  // guard pages of live guarded allocations
+int guard_mode = 0;                 // 0 off, 1 end at the upper guard, 2 start at the lower one
 
 struct Guarded {
   void* base;
@@ -435,6 +438,7 @@ struct Guarded {
 
 void free_guarded(void* ctx) {
   auto* g = static_cast<Guarded*>(ctx);
+  tensor_guards.erase(reinterpret_cast<uintptr_t>(g->base));
   tensor_guards.erase(reinterpret_cast<uintptr_t>(g->base) + g->total - kPage);
   munmap(g->base, g->total);
   delete g;
@@ -443,13 +447,17 @@ void free_guarded(void* ctx) {
 struct GuardAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     if (n == 0) return {nullptr, nullptr, nullptr, c10::Device(c10::DeviceType::CPU)};
-    const size_t body = (n + 15) / 16 * 16, pages = (body + kPage - 1) / kPage, total = (pages + 1) * kPage;
+    const size_t body = (n + 15) / 16 * 16, pages = (body + kPage - 1) / kPage, total = (pages + 2) * kPage;
     void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     TORCH_CHECK(base != MAP_FAILED, "emulator: out of memory for a guarded allocation of ", n, " bytes");
-    auto* page = static_cast<char*>(base) + pages * kPage;
-    mprotect(page, kPage, PROT_NONE);
-    tensor_guards.insert(reinterpret_cast<uintptr_t>(page));
-    return {page - body, new Guarded{base, total}, &free_guarded, c10::Device(c10::DeviceType::CPU)};
+    auto* lower = static_cast<char*>(base);
+    auto* upper = lower + (pages + 1) * kPage;
+    mprotect(lower, kPage, PROT_NONE);
+    mprotect(upper, kPage, PROT_NONE);
+    tensor_guards.insert(reinterpret_cast<uintptr_t>(lower));
+    tensor_guards.insert(reinterpret_cast<uintptr_t>(upper));
+    char* data = guard_mode == 2 ? lower + kPage : upper - body;
+    return {data, new Guarded{base, total}, &free_guarded, c10::Device(c10::DeviceType::CPU)};
   }
   void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
 };
@@ -470,8 +478,9 @@ void on_segv(int, siginfo_t* si, void*) {
   if (cur && (tensor || stack)) {
     // (not async-signal-safe in general; this fault is synchronous, in kernel code, on this thread)
     if (failure.empty())
-      failure = where(cur) + (tensor ? ": accessed global memory past the end of a tensor allocation"
-                                     : ": overflowed its fiber stack");
+      failure = where(cur) + (!tensor ? ": overflowed its fiber stack"
+                              : guard_mode == 2 ? ": accessed global memory before the start of a tensor allocation"
+                                                : ": accessed global memory past the end of a tensor allocation");
     cur->st = kDone;
     ++finished;
     sigset_t m;
@@ -483,7 +492,10 @@ void on_segv(int, siginfo_t* si, void*) {
   sigaction(SIGSEGV, &saved_segv, nullptr);  // not ours: the fault recurs under the previous handler
 }
 
-void guard(bool on) {
+void guard(int64_t mode) {
+  TORCH_CHECK(mode >= 0 && mode <= 2, "emulator: guard mode must be 0 (off), 1 (end) or 2 (start), got ", mode);
+  guard_mode = static_cast<int>(mode);
+  const bool on = mode != 0;
   if (on == (saved_allocator != nullptr)) return;
   if (on) {
     saved_allocator = c10::GetCPUAllocator();
@@ -683,5 +695,5 @@ std::string launches() { return launch_log; }
 TORCH_LIBRARY(sdft_emu_ctl, m) {
   m.def("configure(int order, int sm_major, int ptx_version, int max_active_clusters) -> ()", &emu::configure);
   m.def("launches() -> str", &emu::launches);
-  m.def("guard(bool on) -> ()", &emu::guard);
+  m.def("guard(int mode) -> ()", &emu::guard);
 }

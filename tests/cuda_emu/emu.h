@@ -18,9 +18,10 @@
 //   GPU; the tests run every case in both orders, and a result that differs between them is a race;
 // - launches are checked as the driver does: block <= 1024 threads, grid limits, dynamic shared memory
 //   above 48 KiB only after cudaFuncSetAttribute, a grid divisible by the cluster size;
-// - with guard(true) (emu.cpp), tensors allocated meanwhile end at a PROT_NONE page: an access past the
-//   end of a kernel's output is the launch's error (the tests pad their inputs with NaN rows).
-// Not emulated: the memory model beyond barriers, accesses before the start of a tensor, timing, and
+// - with guard(mode) (emu.cpp), tensors allocated meanwhile end at (mode 1) or start at (mode 2) a
+//   PROT_NONE page: an access past the end or before the start of a kernel's output is the launch's
+//   error (the tests run one schedule in each mode, and pad their inputs with NaN rows).
+// Not emulated: the memory model beyond barriers, timing, and
 // the device math library (the host math of csrc/common is used, as the CPU kernels do).
 #pragma once
 #include <cstddef>

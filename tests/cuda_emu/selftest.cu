@@ -82,6 +82,8 @@ __global__ void big_dynamic_smem(float* out) {
 
 __global__ void global_overflow(float* out) { out[threadIdx.x + 1] = 0; }  // thread 63 writes out[64]
 
+__global__ void global_underflow(float* out) { out[static_cast<int>(threadIdx.x) - 1] = 0; }  // out[-1]
+
 at::Tensor run(const std::string& bug) {
   at::Tensor out = at::empty({kN}, at::kFloat), src = at::empty({kN}, at::kFloat).fill_(1.0);
   float* o = out.mutable_data_ptr<float>();
@@ -111,6 +113,8 @@ at::Tensor run(const std::string& bug) {
     C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, map_exited_rank, o));
   } else if (bug == "global_overflow") {
     global_overflow<<<1, kN>>>(o);
+  } else if (bug == "global_underflow") {
+    global_underflow<<<1, kN>>>(o);
   } else if (bug == "big_dynamic_smem") {
     big_dynamic_smem<<<1, kN, 64 * 1024>>>(o);
   } else {
