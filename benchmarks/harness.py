@@ -253,7 +253,9 @@ def environment(device: str) -> dict:
         try:
             commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                                     text=True, timeout=10).stdout.strip() or "unknown"
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+            # the rows this harness appends to benchmarks/results are no change to what is measured
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                    ":(exclude)benchmarks/results"], cwd=root,
                                    capture_output=True, text=True, timeout=10).stdout.strip()
             commit += "+dirty" if dirty else ""
         except Exception:
