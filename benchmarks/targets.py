@@ -123,7 +123,9 @@ def evaluate(dir_: Path, device: str = "cpu") -> list:
         why=_why(cp, ours, w, wp))
     for p in ("ours", "cka-pytorch", "torch-cka"):
         err, we = _val(m, p, sz, "float32", "max_abs_err")
-        add(f"minibatch CKA max |error| vs float64 ({p})", err, lambda x: x < 1e-4, "{:.2e}", why=we)
+        if err is None and we == "no row":   # a provider that failed has only its time row, with the reason
+            we = _val(m, p, sz, "float32")[1] or we
+        add(f"minibatch CKA max |error| vs float64 < 1e-4 ({p})", err, lambda x: x < 1e-4, "{:.2e}", why=we)
     h = _load(dir_, "kernel_hsic", device)
     sz = "n=65536,d=256,kernel=rbf,unbiased=True"
     mem, wm = _val(h, "ours", sz, "float32", "peak_mem")
