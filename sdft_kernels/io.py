@@ -252,7 +252,8 @@ def save_model_dir(model, tokenizer, path: str | os.PathLike, record: dict | Non
             tokenizer.save_pretrained(tmp)
         st = _structure(model)
         if st["quant"] or st["masks"]:
-            torch.save({"structure": st, "state_dict": model.state_dict()}, tmp / "sdft_state.pt")
+            sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}  # loadable without a GPU
+            torch.save({"structure": st, "state_dict": sd}, tmp / "sdft_state.pt")
         if record is not None:
             (tmp / "degradation.json").write_text(json.dumps(to_jsonable(record), indent=2) + "\n")
         atomic_replace_dir(tmp, path)

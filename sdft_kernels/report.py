@@ -125,7 +125,8 @@ def render_report(cfg: dict, teacher: dict, results: list[dict], metrics: dict, 
     L.append(f"Model: `{cfg.get('model') or 'embedded default model'}` ({t['n_layers']} decoder layers, "
              f"{t['n_params'] / 1e6:.2f} M parameters). Teacher = the original model; student = its degraded "
              f"copy, recovered by SDFT ({cfg['recover']['divergence']}, {cfg['recover']['steps']} steps x "
-             f"{cfg['recover']['batch_size']} blocks of {cfg['block_len']} tokens, lr {cfg['recover']['lr']}).\n")
+             f"{cfg['recover']['batch_size']} blocks of {cfg['block_len']} tokens, lr {cfg['recover']['lr']})"
+             + (f"; run on {metrics['device']}" if metrics.get("device") else "") + ".\n")
     L.append(f"Original model: held-out perplexity **{t['eval']['perplexity']:.2f}**, narrow-task accuracy "
              f"**{t['eval']['task_accuracy']:.3f}**. Teacher-vs-itself CKA: "
              f"{min(t['self_cka']):.4f}..{max(t['self_cka']):.4f} (sanity check, should be 1).\n")

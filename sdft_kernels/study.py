@@ -56,14 +56,15 @@ class StudyConfig:
 class Context:
     """Teacher, tokenizer and the token tensors every unit shares (built once per study)."""
 
-    def __init__(self, cfg: StudyConfig):
+    def __init__(self, cfg: StudyConfig, device=None):
         from .align import default_block_len
         from .data import load_text, token_blocks
         from .models import decoder_layers, load_model
 
         self.cfg = cfg
         self.teacher, self.tok = load_model(cfg.model)
-        self.teacher.eval().requires_grad_(False)
+        # every student is a copy of the teacher, on its device; token tensors move per batch
+        self.teacher.to(device or "cpu").eval().requires_grad_(False)
         self.n_layers = len(decoder_layers(self.teacher))
         self.specs = [parse_spec(s, self.n_layers) for s in cfg.specs]  # bad specs fail here, early
         names = [s.name for s in self.specs]
@@ -158,8 +159,10 @@ def _structure_kept(record, student) -> dict:
             "decoder_layers": len(decoder_layers(student))}
 
 
-def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True, log=print) -> dict:
-    """Run (or resume) the study into directory `out`; returns the metrics dict."""
+def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True, log=print, device=None) -> dict:
+    """Run (or resume) the study into directory `out` on `device` (default cpu); returns the metrics
+    dict. The device is not part of the config: a study may resume on another one (the numbers then
+    differ by float rounding only)."""
     from .report import show, summarize, write_outputs
 
     out = Path(out)
@@ -170,7 +173,7 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True, log=prin
         raise ValueError(f"out: {out} holds a study with a different config; use another --out "
                          "directory or delete it")
     t0 = time.perf_counter()
-    ctx = Context(cfg)
+    ctx = Context(cfg, device)
     sio.atomic_write_json(cfg_path, cfg_dict)
 
     def teacher_unit():
@@ -195,6 +198,9 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True, log=prin
         results.append(r)
     metrics = summarize(teacher, results)
     metrics["seconds_this_invocation"] = time.perf_counter() - t0
+    dev = torch.device(device or "cpu")
+    metrics["device"] = (torch.cuda.get_device_name(dev) + f" ({dev})" if dev.type == "cuda"
+                         else f"cpu ({torch.get_num_threads()} threads)")
     write_outputs(out, cfg_dict, teacher, results, metrics)
     log(f"[study] done in {metrics['seconds_this_invocation']:.0f} s; read {out / 'report.md'}")
     return metrics

@@ -127,3 +127,62 @@ def test_degrading_a_degraded_model_composes_the_layer_map(tiny_dir, tmp_path, c
     capsys.readouterr()
     assert main(["degrade", "--model", str(p), "--spec", "rtn:4", "--out", str(tmp_path / "q")]) == 2
     assert "already degraded" in capsys.readouterr().err  # was a deepcopy traceback
+
+
+@pytest.mark.parametrize("cmd", ["run", "degrade", "align", "eval", "recover"])
+@pytest.mark.parametrize("dev, msg", [("tpu", "expected auto, cpu, cuda or cuda:N"),
+                                      ("cuda:x", "expected auto, cpu, cuda or cuda:N")]
+                         + ([] if torch.cuda.is_available() else [("cuda", "sees no CUDA device")]))
+def test_bad_device_is_refused_before_any_work(cmd, dev, msg, tmp_path, capsys):
+    required = {"run": ["--out", str(tmp_path / "o")], "degrade": ["--spec", "rtn:4", "--out", str(tmp_path / "o")],
+                "align": ["--student", "S"], "eval": [], "recover": ["--student", "S", "--out", str(tmp_path / "o")]}
+    assert main([cmd, *required[cmd], "--device", dev]) == 2
+    err = capsys.readouterr().err
+    assert "--device" in err and msg in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_saved_compressed_state_holds_no_device_tensors(tiny_dir, tmp_path):
+    from sdft_kernels.degrade.quantize import quantize_rtn
+    from sdft_kernels.io import load_model_dir
+    model = load_model_dir(tiny_dir)[0]
+    q, record = quantize_rtn(model, 4, group_size=16)
+    save_model_dir(q, None, tmp_path / "q", record)
+    sd = torch.load(tmp_path / "q" / "sdft_state.pt", weights_only=False)["state_dict"]
+    assert sd and all(v.device.type == "cpu" for v in sd.values())
+
+
+@pytest.mark.cuda
+def test_commands_on_cuda_match_cpu(tiny_dir, tmp_path, capsys):
+    """degrade -> align -> eval -> recover with --device cuda: the same numbers as on the CPU (float
+    rounding apart), and saved models that load without a GPU."""
+    res = {}
+    for dev in ("cpu", "cuda"):
+        d = tmp_path / dev
+        assert main(["degrade", "--model", str(tiny_dir), "--spec", "gptq:3:g16", "--out", str(d / "deg"),
+                     "--block-len", "32", "--calib-blocks", "2", "--device", dev]) == 0
+        assert main(["align", "--teacher", str(tiny_dir), "--student", str(d / "deg"), "--block-len", "48",
+                     "--blocks", "1", "--out", str(d / "a.json"), "--device", dev]) == 0
+        assert main(["eval", "--model", str(d / "deg"), "--tokens", "96", "--window", "32", "--stride", "32",
+                     "--task-examples", "0", "--out", str(d / "e.json"), "--device", dev]) == 0
+        assert main(["recover", "--teacher", str(tiny_dir), "--student", str(d / "deg"), "--out", str(d / "rec"),
+                     "--steps", "2", "--batch-size", "2", "--block-len", "32", "--max-blocks", "8",
+                     "--device", dev]) == 0
+        res[dev] = (read_json(d / "a.json"), read_json(d / "e.json"), read_json(d / "rec" / "summary.json"))
+    capsys.readouterr()
+    (a0, e0, s0), (a1, e1, s1) = res["cpu"], res["cuda"]
+    assert a1["cka"] == pytest.approx(a0["cka"], abs=1e-4)
+    assert e1["perplexity"] == pytest.approx(e0["perplexity"], rel=1e-3)
+    assert s1["steps"] == s0["steps"] == 2
+    sd = torch.load(tmp_path / "cuda" / "rec" / "model" / "sdft_state.pt", weights_only=False)["state_dict"]
+    assert all(v.device.type == "cpu" for v in sd.values())
+
+
+@pytest.mark.cuda
+def test_quick_study_on_cuda(tiny_dir, tmp_path):
+    out = tmp_path / "study"
+    assert main(["run", "--quick", "--model", str(tiny_dir), "--out", str(out), "--no-progress",
+                 "--specs", "rtn:2", "forget:4", "--device", "cuda"]) == 0
+    m = read_json(out / "metrics.json")
+    assert m["device"].endswith("(cuda)") and m["teacher"]["self_cka"] == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert "run on " in (out / "report.md").read_text()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .common import friendly
 
-from .common import add_model_arg, add_text_args
+from .common import add_device_arg, add_model_arg, add_text_args
 
 
 def configure(p):
@@ -19,13 +19,15 @@ def configure(p):
     p.add_argument("--overhead", action="store_true", help="also time alignment vs the plain forward passes")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the result JSON here")
     p.add_argument("--plot", default=None, metavar="PNG", help="write the heatmap PNG here")
+    add_device_arg(p)
 
 
 @friendly
 def main(args) -> int:
     from ..align import align, default_block_len, measure_overhead
-    from .common import blocks, emit, load_pair, read_text
+    from .common import blocks, emit, load_pair, read_text, resolve_device
 
+    device = resolve_device(args.device)
     if args.student is None:
         raise ValueError("--student: required (a model directory)")
     if args.blocks < 1 or args.chunk < 1 or args.drop_first < 0:
@@ -33,16 +35,16 @@ def main(args) -> int:
     if args.block_len is not None and args.block_len < 2:  # 0 used to mean the default silently
         raise ValueError(f"--block-len: expected >= 2 tokens (omit it for the model's context), got {args.block_len}")
     text = read_text(args.text, "heldout")
-    teacher, tok, student, _, record, layer_map = load_pair(args.teacher, args.student)
+    from ..distributed import init_world
+    world = init_world()  # under torchrun: blocks sharded over ranks, CKA statistics all-reduced
+    # each rank runs both models on its own device (cuda:LOCAL_RANK with nccl)
+    teacher, tok, student, _, record, layer_map = load_pair(
+        args.teacher, args.student, device=world.device if world.is_distributed else device)
     ctx = default_block_len(teacher, cap=1 << 62)
     if args.block_len is not None and args.block_len > ctx:
         raise ValueError(f"--block-len: {args.block_len} exceeds the model's {ctx} positions")
     T = args.block_len or default_block_len(teacher)
     ids = blocks(tok, text, T, None, "--text")[-args.blocks:]
-    from ..distributed import init_world
-    world = init_world()  # under torchrun: blocks sharded over ranks, CKA statistics all-reduced
-    if world.is_distributed:  # each rank runs both models on its own device (cuda:LOCAL_RANK with nccl)
-        teacher.to(world.device), student.to(world.device)
     res = align(teacher, student, ids, layer_map=layer_map, chunk_len=args.chunk, drop_first=args.drop_first,
                 heatmap=not args.no_heatmap, kernel=args.kernel, progress=world.is_main, world=world)
     if args.overhead:

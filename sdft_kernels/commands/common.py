@@ -15,6 +15,33 @@ def add_text_args(p, default_split="heldout"):
                    help=f"UTF-8 text file to use instead of the shipped '{default_split}' text")
 
 
+def add_device_arg(p):
+    p.add_argument("--device", default="auto", metavar="DEV",
+                   help="where the models run: auto (cuda when a GPU is visible, else cpu), cpu, cuda or "
+                        "cuda:N; under torchrun every rank uses its own device instead")
+
+
+def resolve_device(arg: str | None):
+    """The torch.device for --device, checked before any model is loaded."""
+    import torch
+    if arg in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(arg)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {arg!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device: {arg} asked for, but this torch ({torch.__version__}) sees no CUDA "
+                             "device; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device: {arg} asked for, but only {torch.cuda.device_count()} CUDA "
+                             "device(s) are visible")
+    return dev
+
+
 def read_text(path_or_none, split: str) -> str:
     """The text of --text FILE (checked: exists, non-empty) or the shipped split."""
     if path_or_none is None:
@@ -38,19 +65,22 @@ def blocks(tok, text: str, block_len: int, max_blocks: int | None, what: str):
     return token_blocks(tok, text, block_len, max_blocks=max_blocks)
 
 
-def load_any(path):
+def load_any(path, device=None):
     """(model, tokenizer, record): a directory saved by `sdft degrade`/`sdft recover` or any HF causal LM
-    (None = the embedded default model)."""
+    (None = the embedded default model), moved to `device` if given."""
     from ..io import load_model_dir
     from ..models import load_model
     if path is None:
         m, t = load_model(None)
-        return m, t, None
-    return load_model_dir(path)
+        m, t, r = m, t, None
+    else:
+        m, t, r = load_model_dir(path)
+    return (m.to(device) if device is not None else m), t, r
 
 
-def load_pair(teacher_path, student_path):
-    """Teacher and student, checked compatible (tokenizer, vocabulary, layer map) before any work."""
+def load_pair(teacher_path, student_path, device=None):
+    """Teacher and student, checked compatible (tokenizer, vocabulary, layer map) before any work, both
+    moved to `device` if given."""
     from ..align import check_layer_map, _layers
     from ..recover import check_compatible
     teacher, ttok, _ = load_any(teacher_path)
@@ -59,6 +89,8 @@ def load_pair(teacher_path, student_path):
     layer_map = record["layer_map"] if record else None
     check_layer_map(layer_map, len(_layers(student)), len(_layers(teacher)))
     teacher.eval().requires_grad_(False)
+    if device is not None:
+        teacher.to(device), student.to(device)
     return teacher, ttok, student, stok, record, layer_map
 
 

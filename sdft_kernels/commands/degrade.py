@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .common import friendly
 
-from .common import add_model_arg
+from .common import add_device_arg, add_model_arg
 
 
 def configure(p):
@@ -15,6 +15,7 @@ def configure(p):
     p.add_argument("--calib-blocks", type=int, default=16, help="calibration blocks (GPTQ, Wanda, blocks)")
     p.add_argument("--block-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    add_device_arg(p)
 
 
 @friendly
@@ -23,13 +24,14 @@ def main(args) -> int:
     from ..data import load_text
     from ..io import check_model_out, save_model_dir
     from ..specs import apply_spec, parse_spec, stack_record
-    from .common import blocks, emit, load_any
+    from .common import blocks, emit, load_any, resolve_device
 
+    device = resolve_device(args.device)
     if args.calib_blocks < 1 or args.block_len < 2:
         raise ValueError("--calib-blocks must be >= 1 and --block-len >= 2")
     spec = parse_spec(args.spec)  # syntax and range, before loading anything
     check_model_out(args.out)
-    model, tok, prev = load_any(args.model)
+    model, tok, prev = load_any(args.model, device)
     spec = parse_spec(args.spec, len(_layers(model)))
     stack_record(prev, spec)  # what cannot stack on an already degraded model is refused here
     calib = blocks(tok, load_text("calibration"), args.block_len, args.calib_blocks, "calibration") \

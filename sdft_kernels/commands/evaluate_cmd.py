@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .common import friendly
 
-from .common import add_model_arg, add_text_args
+from .common import add_device_arg, add_model_arg, add_text_args
 
 
 def configure(p):
@@ -14,20 +14,22 @@ def configure(p):
     p.add_argument("--stride", type=int, default=128)
     p.add_argument("--task-examples", type=int, default=48, help="narrow-task examples (0: skip)")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the result JSON here")
+    add_device_arg(p)
 
 
 @friendly
 def main(args) -> int:
     from ..data import encode
-    from .common import emit, load_any, read_text
+    from .common import emit, load_any, read_text, resolve_device
 
+    device = resolve_device(args.device)
     for name in ("tokens", "window", "stride"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}: expected a positive integer, got {getattr(args, name)}")
     if args.stride > args.window:
         raise ValueError(f"--stride ({args.stride}) must not exceed --window ({args.window})")
     text = read_text(args.text, "heldout")
-    model, tok, record = load_any(args.model)
+    model, tok, record = load_any(args.model, device)
     ids = encode(tok, text)[: args.tokens]
     if ids.numel() < 2:
         raise ValueError("--text: fewer than 2 tokens to score")

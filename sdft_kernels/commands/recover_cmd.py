@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .common import friendly
 
-from .common import add_model_arg, add_text_args
+from .common import add_device_arg, add_model_arg, add_text_args
 
 
 def configure(p):
@@ -28,6 +28,7 @@ def configure(p):
     p.add_argument("--align-blocks", type=int, default=1, help="held-out blocks for the CKA trajectory (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="under torchrun")
+    add_device_arg(p)
 
 
 @friendly
@@ -37,8 +38,9 @@ def main(args) -> int:
     from ..data import load_text
     from ..distributed import init_world
     from ..recover import RecoverConfig, kl_to_teacher, merge_lora, recover
-    from .common import blocks, emit, load_pair, read_text
+    from .common import blocks, emit, load_pair, read_text, resolve_device
 
+    device = resolve_device(args.device)
     if args.student is None:
         raise ValueError("--student: required (a model directory)")
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -51,7 +53,9 @@ def main(args) -> int:
                         seed=args.seed, strategy=args.strategy).validate()
     text = read_text(args.text, "train")
     world = init_world()
-    teacher, tok, student, stok, record, layer_map = load_pair(args.teacher, args.student)
+    # under torchrun each rank's models go to its own device (recover wraps the student there)
+    teacher, tok, student, stok, record, layer_map = load_pair(
+        args.teacher, args.student, device=None if world.is_distributed else device)
     train_ids = blocks(tok, text, args.block_len, args.max_blocks, "--text")
     held = blocks(tok, load_text("heldout"), args.block_len, 4, "held-out")
     out = Path(args.out)

@@ -1,7 +1,7 @@
 """`sdft run`: the whole study (degrade -> align -> recover -> align -> evaluate -> correlate)."""
 from __future__ import annotations
 
-from .common import friendly
+from .common import add_device_arg, friendly
 
 
 def configure(p):
@@ -11,8 +11,9 @@ def configure(p):
     p.add_argument("--specs", nargs="+", default=None, metavar="SPEC",
                    help="degradations to run (default: forget:40 forget:160 rtn:3 rtn:2 gptq:2 blocks:1 "
                         "blocks:2 wanda2:4); see `sdft degrade --help`")
-    p.add_argument("--steps", type=int, default=None, help="SDFT steps per run (default 40)")
+    p.add_argument("--steps", type=int, default=None, help="SDFT steps per run (default 120; --quick: 3)")
     p.add_argument("--no-progress", action="store_true")
+    add_device_arg(p)
 
 
 @friendly
@@ -22,6 +23,8 @@ def main(args) -> int:
     from ..study import StudyConfig, run_study
 
     from pathlib import Path
+    from .common import resolve_device
+    device = resolve_device(args.device)
     if args.specs:
         for s in args.specs:  # syntax/range errors before loading anything
             parse_spec(s)
@@ -34,5 +37,5 @@ def main(args) -> int:
         if args.steps < 1:
             raise ValueError(f"--steps: expected >= 1, got {args.steps}")
         cfg.recover = dataclasses.replace(cfg.recover, steps=args.steps)
-    run_study(cfg, args.out, progress=not args.no_progress)
+    run_study(cfg, args.out, progress=not args.no_progress, device=device)
     return 0
