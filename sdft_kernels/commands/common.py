@@ -71,11 +71,12 @@ def load_any(path, device=None):
     from ..io import load_model_dir
     from ..models import load_model
     if path is None:
-        m, t = load_model(None)
-        m, t, r = m, t, None
+        (m, t), r = load_model(None), None
     else:
         m, t, r = load_model_dir(path)
-    return (m.to(device) if device is not None else m), t, r
+    if device is not None:
+        m.to(device)
+    return m, t, r
 
 
 def load_pair(teacher_path, student_path, device=None):
