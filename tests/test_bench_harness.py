@@ -83,3 +83,14 @@ def test_repetitions_follow_the_timed_calls_not_a_slow_warm_up():
     # calls over budget / min_reps but under the budget get min_reps repetitions
     res = harness.measure(_sleeper(0.03, 0.03), st)
     assert len(res["samples"]) == 3
+
+
+def test_gpu_case_lists_build_without_a_gpu():
+    # gpu_check.sh runs these on a lent GPU with minutes of device time: a provider name or size that
+    # fails to build there costs the whole check, so the case lists are built here first (no tensors
+    # are made until a case runs)
+    from benchmarks import bench_cka, bench_distill
+    for mod in (bench_distill, bench_cka):
+        cases = mod.cases("cuda")
+        assert cases and all(c.kernel and c.provider and c.sizes_str for c in cases)
+        assert len({(c.kernel, c.provider, c.sizes_str, c.dtype) for c in cases}) == len(cases)
