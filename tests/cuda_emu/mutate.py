@@ -47,6 +47,9 @@ MUTATIONS = {
                                "  if (threadIdx.y == 0 && j < d) partial[blockIdx.y * d + j] = total;\n}\n\n}",
                                "  if (threadIdx.y == 0 && j <= d) partial[blockIdx.y * d + j] = total;\n}\n\n}",
                                False),
+    "column_stats_partial_before_start": ("cuda/cka_columns.cu",
+                                          "partial[blockIdx.y * d + j] = total;\n  const int t",
+                                          "partial[blockIdx.y * d + j - 1] = total;\n  const int t", False),
     "ucentre_upper_mirror": ("cuda/cka_moments.cu", "(upper && j < i) ? k[j * b + i] : k[i * b + j]",
                              "k[i * b + j]", False),
     # equivalent: each block_sum there is the kernel's last use of its shared array
