@@ -527,3 +527,50 @@ def test_compile_dynamic_default_temperature():
     for n in (3, 5):
         a, b = torch.randn(n, 11), torch.randn(n, 11)
         torch.testing.assert_close(f(a, b), distill_loss(a, b))
+
+
+def test_random_option_combinations_match_the_float64_reference():
+    # A seeded sweep over what the grids above test one at a time, combined: leading shapes, V across the
+    # 4096-logit chunk edge, every divergence / beta / temperature / reduction, masks and labels with
+    # ignore_index together, -inf entries, strided (non-contiguous) logits, a random incoming gradient.
+    import random
+    rng = random.Random(0)
+    compared = 0
+    for case in range(300):
+        lead = [rng.randint(1, 5) for _ in range(rng.randint(1, 2))]
+        V = rng.choice([1, 2, 7, 100, 4095, 4097])
+        kw = dict(divergence=rng.choice(sorted(DIVERGENCES)), beta=rng.choice([0.0, 0.3, 1.0]),
+                  temperature=rng.choice([0.5, 1.0, 2.0]), scale_by_t2=rng.random() < 0.5,
+                  reduction=rng.choice(["mean", "sum", "batchmean", "none"]))
+        g = torch.Generator().manual_seed(case)
+        scale = rng.choice([1.0, 5.0, 30.0])
+        s = scale * torch.randn(*lead, V, generator=g, dtype=torch.float64)
+        t = scale * torch.randn(*lead, V, generator=g, dtype=torch.float64)
+        if V > 1 and rng.random() < 0.3:  # a masked vocabulary: -inf on both sides
+            off = torch.rand(*lead, V, generator=g) < 0.2
+            off[..., 0] = False
+            s, t = s.masked_fill(off, float("-inf")), t.masked_fill(off, float("-inf"))
+        if rng.random() < 0.4:
+            kw["mask"] = torch.rand(*lead, generator=g) < 0.6
+        if rng.random() < 0.4:
+            labels = torch.randint(0, V, tuple(lead), generator=g)
+            labels[torch.rand(*lead, generator=g) < 0.3] = -100
+            kw["labels"] = labels
+        # ours reads strided student rows (every other element of a leaf buffer), the reference a copy
+        buf = torch.zeros(*lead, 2 * V, dtype=torch.float64)
+        buf[..., ::2] = s
+        buf.requires_grad_()
+        b = s.clone().requires_grad_()
+        got, want = distill_loss(buf[..., ::2], t, **kw), distill_loss_ref(b, t, **kw)
+        w = torch.randn(want.shape, generator=g, dtype=torch.float64)
+        (got * w).sum().backward()
+        (want * w).sum().backward()
+        if not (torch.isfinite(want).all() and torch.isfinite(b.grad).all()):
+            continue  # the reference's autograd meets 0 * log 0 at -inf entries
+        what = f"case {case}: {lead} V={V} {kw}"
+        assert got.shape == want.shape and torch.all(buf.grad[..., 1::2] == 0), what
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * max(1.0, want.abs().max().item()), msg=what)
+        torch.testing.assert_close(buf.grad[..., ::2], b.grad, rtol=1e-9,
+                                   atol=1e-9 * max(1.0, b.grad.abs().max().item()), msg=what)
+        compared += 1
+    assert compared >= 200, compared  # the reference's NaN cases must not empty the sweep

@@ -343,6 +343,11 @@ def distill_loss_topk(student_logits, teacher_topk_logprobs, teacher_topk_indice
     the student only (produce the teacher's log-probs at the temperature you want). When k = V the
     tail bucket is dropped and the loss equals distill_loss with the full teacher. The tail gradient is
     shared among the student's non-listed entries in proportion to their probabilities.
+    Conditioning: the teacher's tail mass is known only to the rounding of its listed log-probs (~1e-16
+    of 1 in float64, ~1e-7 in float32). Forward KL weights the tail term by that mass, so it stays
+    accurate; reverse KL and JSD weight it by the student's tail mass times log(student / teacher tail),
+    which is noise (and can be large) when the listed entries already hold the teacher's mass to within
+    rounding. Prefer forward KL for top-k teachers, or a k whose tail the teacher resolves.
     Other arguments as in distill_loss.
     """
     _check_logits("student_logits", student_logits)
