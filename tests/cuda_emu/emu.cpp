@@ -428,7 +428,7 @@ void run_group(const std::vector<uint3>& idx, dim3 block) {
 // that fault, or a fiber's stack overflow, into the launch's failure (the fiber is abandoned, as on any
 // other violation). Other faults go to the handler that was there before.
 constexpr size_t kPage = 4096;
-std::set<uintptr_t> tensor_guards;  // guard pages of live guarded allocations
+std::set<uintptr_t> lower_guards, upper_guards;  // guard pages of live guarded allocations
 int guard_mode = 0;                 // 0 off, 1 end at the upper guard, 2 start at the lower one
 
 struct Guarded {
@@ -438,8 +438,8 @@ struct Guarded {
 
 void free_guarded(void* ctx) {
   auto* g = static_cast<Guarded*>(ctx);
-  tensor_guards.erase(reinterpret_cast<uintptr_t>(g->base));
-  tensor_guards.erase(reinterpret_cast<uintptr_t>(g->base) + g->total - kPage);
+  lower_guards.erase(reinterpret_cast<uintptr_t>(g->base));
+  upper_guards.erase(reinterpret_cast<uintptr_t>(g->base) + g->total - kPage);
   munmap(g->base, g->total);
   delete g;
 }
@@ -454,8 +454,8 @@ struct GuardAllocator final : c10::Allocator {
     auto* upper = lower + (pages + 1) * kPage;
     mprotect(lower, kPage, PROT_NONE);
     mprotect(upper, kPage, PROT_NONE);
-    tensor_guards.insert(reinterpret_cast<uintptr_t>(lower));
-    tensor_guards.insert(reinterpret_cast<uintptr_t>(upper));
+    lower_guards.insert(reinterpret_cast<uintptr_t>(lower));
+    upper_guards.insert(reinterpret_cast<uintptr_t>(upper));
     char* data = guard_mode == 2 ? lower + kPage : upper - body;
     return {data, new Guarded{base, total}, &free_guarded, c10::Device(c10::DeviceType::CPU)};
   }
@@ -474,13 +474,15 @@ bool in_page(const std::set<uintptr_t>& pages, uintptr_t a) {
 
 void on_segv(int, siginfo_t* si, void*) {
   const auto a = reinterpret_cast<uintptr_t>(si->si_addr);
-  const bool tensor = in_page(tensor_guards, a), stack = in_page(stack_guards, a);
-  if (cur && (tensor || stack)) {
+  // which page was hit says what happened (in either mode an access can reach either guard)
+  const bool before = in_page(lower_guards, a), past = in_page(upper_guards, a);
+  const bool stack = in_page(stack_guards, a);
+  if (cur && (before || past || stack)) {
     // (not async-signal-safe in general; this fault is synchronous, in kernel code, on this thread)
     if (failure.empty())
-      failure = where(cur) + (!tensor ? ": overflowed its fiber stack"
-                              : guard_mode == 2 ? ": accessed global memory before the start of a tensor allocation"
-                                                : ": accessed global memory past the end of a tensor allocation");
+      failure = where(cur) + (before ? ": accessed global memory before the start of a tensor allocation"
+                              : past ? ": accessed global memory past the end of a tensor allocation"
+                                     : ": overflowed its fiber stack");
     cur->st = kDone;
     ++finished;
     sigset_t m;
