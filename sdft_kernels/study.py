@@ -173,6 +173,7 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True, log=prin
         raise ValueError(f"out: {out} holds a study with a different config; use another --out "
                          "directory or delete it")
     t0 = time.perf_counter()
+    device = torch.device(device or "cpu")
     ctx = Context(cfg, device)
     sio.atomic_write_json(cfg_path, cfg_dict)
 
@@ -198,8 +199,7 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True, log=prin
         results.append(r)
     metrics = summarize(teacher, results)
     metrics["seconds_this_invocation"] = time.perf_counter() - t0
-    dev = torch.device(device or "cpu")
-    metrics["device"] = (torch.cuda.get_device_name(dev) + f" ({dev})" if dev.type == "cuda"
+    metrics["device"] = (torch.cuda.get_device_name(device) + f" ({device})" if device.type == "cuda"
                          else f"cpu ({torch.get_num_threads()} threads)")
     write_outputs(out, cfg_dict, teacher, results, metrics)
     log(f"[study] done in {metrics['seconds_this_invocation']:.0f} s; read {out / 'report.md'}")
