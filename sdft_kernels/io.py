@@ -204,10 +204,24 @@ def _plain_copy(model):
             config.tie_word_embeddings = False
     with torch.device("meta"):
         plain = type(model)(config)
+    _conv1d_layout(model, plain, sd)
     plain.load_state_dict(sd, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         plain.tie_weights()
     return plain.eval()
+
+
+def _conv1d_layout(model, plain, sd) -> None:
+    """The degradations compute GPT-2's Conv1D layers as nn.Linear (degrade.common.linearize_conv1d):
+    give those weights back the Conv1D layout [in, out] of the class they are saved as. Decided by the
+    module types, not the shapes (a square weight looks the same either way)."""
+    from .degrade.common import _conv1d_type
+    conv1d = _conv1d_type()
+    if conv1d is None:
+        return
+    for n, m in plain.named_modules():
+        if type(m) is conv1d and isinstance(model.get_submodule(n), torch.nn.Linear):
+            sd[f"{n}.weight"] = sd[f"{n}.weight"].t().contiguous()
 
 
 def _structure(model) -> dict:
@@ -282,8 +296,10 @@ def load_model_dir(path: str | os.PathLike, dtype=torch.float32):
     record = read_json(rec_path) if rec_path.exists() else None
     state_path = path / "sdft_state.pt"
     if state_path.exists():
+        from .degrade.common import linearize_conv1d
         from .degrade.quantize import QuantLinear
         saved = torch.load(state_path, map_location="cpu", weights_only=False)
+        linearize_conv1d(model)  # the compressed state was saved from nn.Linear layers (as degraded)
         st, sd = saved["structure"], saved["state_dict"]
         for name, spec in st["quant"].items():
             lin = model.get_submodule(name)

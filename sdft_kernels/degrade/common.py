@@ -90,10 +90,49 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def copy_model(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode; the caller's model is never touched."""
+    """A deep copy in eval mode, its decoder blocks' HF Conv1D layers turned into nn.Linear (see
+    linearize_conv1d); the caller's model is never touched."""
     new = copy.deepcopy(model)
+    linearize_conv1d(new)
     new.eval()
     return new
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional for these helpers
+        return None
+    return Conv1D
+
+
+def linearize_conv1d(model: nn.Module) -> int:
+    """Replace, in place, every Hugging Face Conv1D inside the decoder blocks (GPT-2's c_attn, c_proj,
+    c_fc: y = x @ W + b with W stored [in, out]) by the nn.Linear computing the same function (weight
+    W.T, [out, in]), so the degradations, which work on nn.Linear, apply to GPT-2-style models too.
+    io.save_model_dir transposes them back, so the saved directory loads into the original class.
+    Returns the number of layers replaced."""
+    conv1d = _conv1d_type()
+    if conv1d is None:
+        return 0
+    count = 0
+    for layer in decoder_layers(model):
+        for parent in list(layer.modules()):
+            for attr, child in list(parent.named_children()):
+                if type(child) is conv1d:
+                    w = child.weight
+                    lin = nn.Linear(w.shape[0], w.shape[1], bias=child.bias is not None,
+                                    device=w.device, dtype=w.dtype)
+                    with torch.no_grad():
+                        lin.weight.copy_(w.t())
+                        if child.bias is not None:
+                            lin.bias.copy_(child.bias)
+                    lin.weight.requires_grad_(w.requires_grad)
+                    if child.bias is not None:
+                        lin.bias.requires_grad_(child.bias.requires_grad)
+                    setattr(parent, attr, lin)
+                    count += 1
+    return count
 
 
 def identity_map(model: nn.Module) -> list[int]:

@@ -155,8 +155,8 @@ def quantize_gptq(model: nn.Module, calib_ids: torch.Tensor, bits: int, group_si
     for name, v in (("block_size", block_size), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
-    check_finite_weights(block_linears(model))
     new = copy_model(model)
+    check_finite_weights(block_linears(new))
     pairs, per_layer = [], {}
     modules = dict(new.named_modules())
 

@@ -223,11 +223,11 @@ def prune_2_4(model: nn.Module, method: str = "magnitude", calib_ids=None, *, ba
     """2:4 semi-structured sparsity: in every group of 4 consecutive input weights of each output row
     keep the 2 with the highest score (|W|, or Wanda's |W| * ||X_j||_2)."""
     calib_ids = _check_method(method, calib_ids, batch_size)
-    for name, _, _, lin in block_linears(model):
+    new = copy_model(model)
+    for name, _, _, lin in block_linears(new):
         if lin.in_features % 4:
             raise ValueError(f"model: layer {name} has in_features={lin.in_features}, "
                              "not a multiple of 4 (2:4 needs it)")
-    new = copy_model(model)
     acc = _apply_masks(new, calib_ids, method, batch_size, _two_four_mask)
     return new, record("prune_2_4", {"method": method, "pattern": "2:4"}, identity_map(new), **acc)
 
