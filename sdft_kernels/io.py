@@ -212,15 +212,13 @@ def _plain_copy(model):
 
 
 def _conv1d_layout(model, plain, sd) -> None:
-    """The degradations compute GPT-2's Conv1D layers as nn.Linear (degrade.common.linearize_conv1d):
+    """The degradations compute GPT-2's Conv1D layers as nn.Linear (degrade.common.linearize_blocks):
     give those weights back the Conv1D layout [in, out] of the class they are saved as. Decided by the
     module types, not the shapes (a square weight looks the same either way)."""
-    from .degrade.common import _conv1d_type
-    conv1d = _conv1d_type()
-    if conv1d is None:
-        return
+    from .degrade.common import _linear_like_types
+    transposed = tuple(t for t, tr in _linear_like_types().items() if tr)
     for n, m in plain.named_modules():
-        if type(m) is conv1d and isinstance(model.get_submodule(n), torch.nn.Linear):
+        if isinstance(m, transposed) and type(model.get_submodule(n)) is not type(m):
             sd[f"{n}.weight"] = sd[f"{n}.weight"].t().contiguous()
 
 
@@ -296,10 +294,10 @@ def load_model_dir(path: str | os.PathLike, dtype=torch.float32):
     record = read_json(rec_path) if rec_path.exists() else None
     state_path = path / "sdft_state.pt"
     if state_path.exists():
-        from .degrade.common import linearize_conv1d
+        from .degrade.common import linearize_blocks
         from .degrade.quantize import QuantLinear
         saved = torch.load(state_path, map_location="cpu", weights_only=False)
-        linearize_conv1d(model)  # the compressed state was saved from nn.Linear layers (as degraded)
+        linearize_blocks(model)  # the compressed state was saved from nn.Linear layers (as degraded)
         st, sd = saved["structure"], saved["state_dict"]
         for name, spec in st["quant"].items():
             lin = model.get_submodule(name)

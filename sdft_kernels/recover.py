@@ -173,9 +173,9 @@ def _check_lora_mergeable(student):
 def _apply_lora(student, cfg: RecoverConfig):
     from peft import LoraConfig, get_peft_model
 
-    from .degrade.common import linearize_conv1d
+    from .degrade.common import linearize_blocks
     _peft_ignore_old_torchao()
-    linearize_conv1d(unwrap(student))  # GPT-2's Conv1D as nn.Linear: one adapter kind for every model
+    linearize_blocks(unwrap(student))  # GPT-2's Conv1D as nn.Linear: one adapter kind for every model
     names = sorted({n.split(".")[-1] for n, m in unwrap(student).named_modules()
                     if isinstance(m, torch.nn.Linear) and "lm_head" not in n})
     if not names:

@@ -67,6 +67,9 @@ class Context:
         self.teacher.to(device or "cpu").eval().requires_grad_(False)
         self.n_layers = len(decoder_layers(self.teacher))
         self.specs = [parse_spec(s, self.n_layers) for s in cfg.specs]  # bad specs fail here, early
+        if any(s.kind not in ("forget", "blocks") for s in self.specs):
+            from .degrade.common import check_degradable
+            check_degradable(self.teacher)  # weights a quantization / pruning cannot reach (fused MoE)
         names = [s.name for s in self.specs]
         if len(set(names)) != len(names):
             raise ValueError(f"specs: duplicate degradations in {list(cfg.specs)}")

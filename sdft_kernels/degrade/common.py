@@ -60,11 +60,37 @@ def block_linears(model: nn.Module, include_lm_head: bool = False) -> list[tuple
     return out
 
 
-def check_finite_weights(targets) -> None:
-    """Refuse to degrade weights that already hold NaN/Inf (the result would be meaningless)."""
+def check_targets(model: nn.Module, targets) -> None:
+    """Refuse, before any work, a model whose decoder-block weights the degradation would not all reach:
+    no nn.Linear layers at all, or weight matrices outside them (fused mixture-of-experts weights such as
+    Mixtral's experts.gate_up_proj [E, 2I, H] in transformers 5, a router's bare weight): quantizing or
+    pruning only the linear layers would leave those at full precision while the record claimed the
+    model compressed. Also refuses weights that already hold NaN/Inf (the result would be meaningless)."""
+    if not targets:
+        raise ValueError("model: no nn.Linear layers found in the decoder blocks")
+    _refuse_outside(model, {id(lin.weight) for *_, lin in targets})
     for name, _, _, lin in targets:
         if not bool(torch.isfinite(lin.weight).all()):
             raise ValueError(f"model: layer {name} has NaN/Inf weights")
+
+
+def check_degradable(model: nn.Module) -> None:
+    """check_targets' coverage check on a model as loaded (no copy): for a study to refuse, before its first
+    run, a weight-level degradation it would only reach later."""
+    kinds = (nn.Linear, *_linear_like_types())
+    _refuse_outside(model, {id(m.weight) for layer in decoder_layers(model) for m in layer.modules()
+                            if type(m) in kinds})
+
+
+def _refuse_outside(model: nn.Module, covered: set) -> None:
+    names = {id(p): n for n, p in model.named_parameters()}
+    outside = [f"{names.get(id(p), '?')} {list(p.shape)}" for layer in decoder_layers(model)
+               for p in layer.parameters() if p.dim() >= 2 and id(p) not in covered]
+    if outside:
+        raise ValueError(f"model: its decoder blocks hold {len(outside)} weight tensor(s) outside nn.Linear layers "
+                         f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}; e.g. fused "
+                         "mixture-of-experts weights), which this degradation cannot reach: not supported "
+                         "(block removal, blocks:N, and forgetting, forget:N, work on any model)")
 
 
 def check_calib(calib_ids, name: str = "calib_ids") -> torch.Tensor:
@@ -90,48 +116,56 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def copy_model(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode, its decoder blocks' HF Conv1D layers turned into nn.Linear (see
-    linearize_conv1d); the caller's model is never touched."""
+    """A deep copy in eval mode, its decoder blocks' linear layers as plain nn.Linear (see
+    linearize_blocks); the caller's model is never touched."""
     new = copy.deepcopy(model)
-    linearize_conv1d(new)
+    linearize_blocks(new)
     new.eval()
     return new
 
 
-def _conv1d_type():
+def _linear_like_types() -> dict:
+    """Layer classes that compute a plain affine map but are not nn.Linear itself: {class: transposed},
+    transposed when the weight is stored [in, out]. HF Conv1D (GPT-2's c_attn, c_proj, c_fc:
+    y = x @ W + b) and FalconLinear (an nn.Linear subclass with its own forward, same function). Other
+    nn.Linear subclasses (QuantLinear, bitsandbytes' 4/8-bit layers) compute something else and are
+    left alone."""
+    out = {}
     try:
         from transformers.pytorch_utils import Conv1D
+        out[Conv1D] = True
     except ImportError:  # transformers is optional for these helpers
-        return None
-    return Conv1D
+        pass
+    try:
+        from transformers.models.falcon.modeling_falcon import FalconLinear
+        out[FalconLinear] = False
+    except ImportError:
+        pass
+    return out
 
 
-def linearize_conv1d(model: nn.Module) -> int:
-    """Replace, in place, every Hugging Face Conv1D inside the decoder blocks (GPT-2's c_attn, c_proj,
-    c_fc: y = x @ W + b with W stored [in, out]) by the nn.Linear computing the same function (weight
-    W.T, [out, in]), so the degradations, which work on nn.Linear, apply to GPT-2-style models too.
-    io.save_model_dir transposes them back, so the saved directory loads into the original class.
+def linearize_blocks(model: nn.Module) -> int:
+    """Replace, in place, every linear-like layer (_linear_like_types) inside the decoder blocks by the
+    nn.Linear computing the same function, so the degradations, which work on nn.Linear (exactly that
+    type, so a QuantLinear is never re-quantized), apply to GPT-2 and Falcon models too. io.save_model_dir
+    gives Conv1D weights their [in, out] layout back, so a saved directory loads into the original class.
     Returns the number of layers replaced."""
-    conv1d = _conv1d_type()
-    if conv1d is None:
-        return 0
+    kinds = _linear_like_types()
     count = 0
     for layer in decoder_layers(model):
         for parent in list(layer.modules()):
             for attr, child in list(parent.named_children()):
-                if type(child) is conv1d:
-                    w = child.weight
-                    lin = nn.Linear(w.shape[0], w.shape[1], bias=child.bias is not None,
-                                    device=w.device, dtype=w.dtype)
-                    with torch.no_grad():
-                        lin.weight.copy_(w.t())
-                        if child.bias is not None:
-                            lin.bias.copy_(child.bias)
-                    lin.weight.requires_grad_(w.requires_grad)
+                if type(child) not in kinds:
+                    continue
+                w = child.weight.t() if kinds[type(child)] else child.weight
+                lin = nn.Linear(w.shape[1], w.shape[0], bias=child.bias is not None, device=w.device, dtype=w.dtype)
+                with torch.no_grad():
+                    lin.weight.copy_(w)
                     if child.bias is not None:
-                        lin.bias.requires_grad_(child.bias.requires_grad)
-                    setattr(parent, attr, lin)
-                    count += 1
+                        lin.bias.copy_(child.bias)
+                lin.requires_grad_(child.weight.requires_grad)
+                setattr(parent, attr, lin)
+                count += 1
     return count
 
 

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from .common import (block_linears, check_calib, check_finite_weights, copy_model, identity_map, record,
+from .common import (block_linears, check_calib, check_targets, copy_model, identity_map, record,
                      run_blocks_sequentially)
 from .quantize import QuantLinear, accounting, check_spec, effective_group, group_params, max_code, rtn_params
 
@@ -156,7 +156,7 @@ def quantize_gptq(model: nn.Module, calib_ids: torch.Tensor, bits: int, group_si
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
     new = copy_model(model)
-    check_finite_weights(block_linears(new))
+    check_targets(new, block_linears(new))
     pairs, per_layer = [], {}
     modules = dict(new.named_modules())
 
@@ -179,8 +179,6 @@ def quantize_gptq(model: nn.Module, calib_ids: torch.Tensor, bits: int, group_si
 
     run_blocks_sequentially(new, calib_ids, batch_size,
                             lambda name, lin: HessianStats(lin.in_features, lin.weight.device), apply)
-    if not pairs:
-        raise ValueError("model: no nn.Linear layers found in the decoder blocks")
     acc = accounting(pairs)
     for entry in acc["layers"]:
         entry.update(per_layer[entry["name"]])

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as tprune
 
-from .common import (block_linears, check_calib, check_finite_weights, copy_model, decoder_layers, identity_map,
+from .common import (block_linears, check_calib, check_targets, copy_model, decoder_layers, identity_map,
                      layers_attr_path, model_device, record, run_blocks_sequentially)
 
 METHODS = ("magnitude", "wanda")
@@ -180,9 +180,7 @@ def _apply_masks(model, calib_ids, method, batch_size, mask_fn):
         layers.append({"name": name, "shape": list(mask.shape), "sparsity": z / mask.numel()})
 
     targets = block_linears(model)
-    if not targets:
-        raise ValueError("model: no nn.Linear layers found in the decoder blocks")
-    check_finite_weights(targets)
+    check_targets(model, targets)
     if method == "magnitude":
         for name, _, _, lin in targets:
             prune_layer(name, lin, None)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import block_linears, check_finite_weights, copy_model, identity_map, record
+from .common import block_linears, check_targets, copy_model, identity_map, record
 
 ALLOWED_BITS = (2, 3, 4, 8)
 SCALE_BITS = 16  # scales are stored (and used) as float16
@@ -201,9 +201,7 @@ def replace_linears(model, include_lm_head, make_layer) -> dict:
     """Swap the chosen nn.Linear layers of `model` (already a copy) for QuantLinear layers built by
     make_layer(name, linear); returns the accounting part of the record."""
     targets = block_linears(model, include_lm_head=include_lm_head)
-    if not targets:
-        raise ValueError("model: no nn.Linear layers found in the decoder blocks")
-    check_finite_weights(targets)
+    check_targets(model, targets)
     pairs = []
     for name, parent, attr, lin in targets:
         w0 = lin.weight.detach().clone()
