@@ -75,6 +75,10 @@ class Context:
             raise ValueError(f"specs: duplicate degradations in {list(cfg.specs)}")
         torch.manual_seed(cfg.seed)
         T = cfg.block_len
+        ctx = getattr(self.teacher.config, "max_position_embeddings", None)
+        for name, v in (("block_len", T), ("align_block_len", cfg.align_block_len)):
+            if isinstance(ctx, int) and v is not None and v > ctx:
+                raise ValueError(f"{name}: {v} tokens exceed the model's context of {ctx} (max_position_embeddings)")
         self.train_ids = token_blocks(self.tok, load_text("train"), T, max_blocks=cfg.train_blocks)
         heldout = load_text("heldout")
         self.eval_ids = token_blocks(self.tok, heldout, cfg.eval_tokens, max_blocks=1)[0]
@@ -85,6 +89,7 @@ class Context:
         self.align_ids = all_ids[-cfg.align_blocks:]
         from . import tasks
         self.examples = tasks.make_examples(cfg.task_examples, seed=cfg.seed + 1)
+        tasks.check_fits(self.teacher, max(len(self.tok(tasks.format_prompt(e))["input_ids"]) for e in self.examples))
 
 
 def evaluate_model(ctx: Context, model) -> dict:

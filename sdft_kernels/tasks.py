@@ -110,6 +110,16 @@ def sft_batch(tokenizer, examples: list[Example]):
 
 
 @torch.no_grad()
+def check_fits(model, prompt_tokens: int, max_new_tokens: int = 24) -> None:
+    """Refuse a model whose context cannot hold a prompt and its continuation (generation would fail
+    with an index error inside the model)."""
+    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(ctx, int) and prompt_tokens + max_new_tokens > ctx:
+        raise ValueError(f"model: its context of {ctx} tokens cannot hold a prompt of {prompt_tokens} tokens and "
+                         f"{max_new_tokens} new ones; the narrow task needs a longer context (sdft eval: "
+                         "--task-examples 0 skips it)")
+
+
 def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 24,
                     batch_size: int = 32) -> list[str]:
     """Greedy continuations of `prompts` (batched, left-padded), decoded without special tokens."""
@@ -122,9 +132,11 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     was_training = model.training
     model.eval()
     out_texts = []
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    check_fits(model, max((len(e) for e in encoded), default=0), max_new_tokens)
     try:
         for b in range(0, len(prompts), batch_size):
-            enc = [tokenizer(p)["input_ids"] for p in prompts[b:b + batch_size]]
+            enc = encoded[b:b + batch_size]
             T = max(len(e) for e in enc)
             ids = torch.full((len(enc), T), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)

@@ -186,3 +186,47 @@ def test_quick_study_on_cuda(tiny_dir, tmp_path):
     m = read_json(out / "metrics.json")
     assert m["device"].endswith("(cuda)") and m["teacher"]["self_cka"] == pytest.approx([1.0, 1.0], abs=1e-6)
     assert "run on " in (out / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def short_dirs(tmp_path_factory):
+    """GPT-2 directories with 48 positions (too short for the narrow task) and 100 (enough for it, shorter
+    than the default 256-token windows)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    _, tok = tiny_random_model(num_layers=1, hidden_size=16)
+    out = {}
+    for n in (48, 100):
+        torch.manual_seed(0)
+        d = tmp_path_factory.mktemp(f"ctx{n}") / "model"
+        GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=len(tok), n_positions=n)).save_pretrained(d)
+        tok.save_pretrained(d)
+        out[n] = d
+    return out
+
+
+def test_windows_fit_a_short_context_model(short_dirs, tmp_path, capsys):
+    """Default windows shrink to the model's context; a given one longer than it is refused naming its
+    option (before: an IndexError inside the position embedding, mid-run)."""
+    short, ctx100 = short_dirs[48], short_dirs[100]
+    assert main(["degrade", "--model", str(short), "--spec", "gptq:4", "--out", str(tmp_path / "g"),
+                 "--calib-blocks", "2"]) == 0
+    capsys.readouterr()
+    for argv, flag in ((["degrade", "--model", str(short), "--spec", "wanda:0.5", "--out", str(tmp_path / "w"),
+                         "--block-len", "49"], "--block-len"),
+                       (["eval", "--model", str(short), "--window", "64", "--task-examples", "0"], "--window"),
+                       (["recover", "--teacher", str(short), "--student", str(tmp_path / "g"), "--out",
+                         str(tmp_path / "r"), "--block-len", "64"], "--block-len")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{flag}: " in err and "context of 48" in err, err
+    assert not (tmp_path / "w").exists() and not (tmp_path / "r").exists()
+    assert main(["eval", "--model", str(short), "--tokens", "200", "--task-examples", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] > 1
+    # the narrow task's prompt and answer do not fit 48 positions: refused before any scoring or study unit
+    assert main(["eval", "--model", str(short), "--task-examples", "2"]) == 2
+    assert "context of 48 tokens cannot hold a prompt" in capsys.readouterr().err
+    assert main(["run", "--quick", "--model", str(short), "--out", str(tmp_path / "s"), "--no-progress"]) == 2
+    assert not (tmp_path / "s" / "units").exists()
+    assert main(["run", "--quick", "--model", str(ctx100), "--out", str(tmp_path / "s100"), "--no-progress",
+                 "--specs", "rtn:2"]) == 0
+    assert read_json(tmp_path / "s100" / "config.json")["align_block_len"] == 100

@@ -14,7 +14,8 @@ def configure(p):
                    help="run directory: checkpoint.pt, metrics.jsonl, summary.json, model/ (recovered)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--block-len", type=int, default=256)
+    p.add_argument("--block-len", type=int, default=None,
+                   help="training block length (default 256, or the models' context if shorter)")
     p.add_argument("--max-blocks", type=int, default=2048, help="training blocks taken from the text")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup", type=int, default=0)
@@ -38,7 +39,7 @@ def main(args) -> int:
     from ..data import load_text
     from ..distributed import init_world
     from ..recover import RecoverConfig, kl_to_teacher, merge_lora, recover
-    from .common import blocks, emit, load_pair, read_text, resolve_device
+    from .common import blocks, emit, fit_len, load_pair, read_text, resolve_device
 
     device = resolve_device(args.device)
     if args.student is None:
@@ -56,8 +57,9 @@ def main(args) -> int:
     # under torchrun each rank's models go to its own device (recover wraps the student there)
     teacher, tok, student, stok, record, layer_map = load_pair(
         args.teacher, args.student, device=None if world.is_distributed else device)
-    train_ids = blocks(tok, text, args.block_len, args.max_blocks, "--text")
-    held = blocks(tok, load_text("heldout"), args.block_len, 4, "held-out")
+    block_len = fit_len(args.block_len, "--block-len", teacher, student)
+    train_ids = blocks(tok, text, block_len, args.max_blocks, "--text")
+    held = blocks(tok, load_text("heldout"), block_len, 4, "held-out")
     out = Path(args.out)
     kl0 = kl_to_teacher(teacher, student, held)
     res = recover(teacher, student, train_ids, cfg, out_dir=out, align_ids=held, layer_map=layer_map, world=world)

@@ -31,6 +31,10 @@ def main(args) -> int:
     if args.model is not None and not Path(args.model).exists():  # before --out is created
         raise FileNotFoundError(f"--model: {args.model} does not exist (a model directory is expected)")
     cfg = StudyConfig.quick_config(args.model) if args.quick else StudyConfig(model=args.model)
+    ctx = _context(args.model)
+    if ctx is not None:  # a model with a shorter context gets windows that fit it
+        cfg.block_len = min(cfg.block_len, ctx)
+        cfg.align_block_len = None if cfg.align_block_len is None else min(cfg.align_block_len, ctx)
     if args.specs:
         cfg.specs = tuple(args.specs)
     if args.steps is not None:
@@ -39,3 +43,15 @@ def main(args) -> int:
         cfg.recover = dataclasses.replace(cfg.recover, steps=args.steps)
     run_study(cfg, args.out, progress=not args.no_progress, device=device)
     return 0
+
+
+def _context(path):
+    """The model directory's max_position_embeddings (from its config alone), or None."""
+    if path is None:
+        return None
+    from transformers import AutoConfig
+    try:
+        ctx = getattr(AutoConfig.from_pretrained(str(path), local_files_only=True), "max_position_embeddings", None)
+    except (OSError, ValueError):
+        return None  # not a model directory: loading it says so, naming --model
+    return ctx if isinstance(ctx, int) and ctx > 0 else None
