@@ -230,3 +230,24 @@ def test_windows_fit_a_short_context_model(short_dirs, tmp_path, capsys):
     assert main(["run", "--quick", "--model", str(ctx100), "--out", str(tmp_path / "s100"), "--no-progress",
                  "--specs", "rtn:2"]) == 0
     assert read_json(tmp_path / "s100" / "config.json")["align_block_len"] == 100
+
+
+def test_eval_and_align_in_bfloat16_match_float32(tiny_dir, tmp_path, capsys):
+    deg = tmp_path / "deg"
+    assert main(["degrade", "--model", str(tiny_dir), "--spec", "rtn:3:g16", "--out", str(deg)]) == 0
+    res = {}
+    for dt in ("float32", "bfloat16"):
+        capsys.readouterr()
+        assert main(["eval", "--model", str(deg), "--tokens", "512", "--task-examples", "0", "--dtype", dt]) == 0
+        ev = json.loads(capsys.readouterr().out)
+        assert main(["align", "--teacher", str(tiny_dir), "--student", str(deg), "--block-len", "128",
+                     "--blocks", "1", "--no-heatmap", "--dtype", dt]) == 0
+        al = json.loads(capsys.readouterr().out)
+        assert ev["dtype"] == al["dtype"] == dt
+        res[dt] = (ev["perplexity"], al["cka"])
+    (p32, c32), (p16, c16) = res["float32"], res["bfloat16"]
+    assert p16 == pytest.approx(p32, rel=0.02) and p16 != p32
+    assert c16 == pytest.approx(c32, abs=0.01)
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        main(["eval", "--model", str(deg), "--dtype", "float64"])
+    assert "--dtype: invalid choice" in capsys.readouterr().err

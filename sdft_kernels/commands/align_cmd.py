@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .common import friendly
 
-from .common import add_device_arg, add_model_arg, add_text_args
+from .common import add_device_arg, add_dtype_arg, add_model_arg, add_text_args
 
 
 def configure(p):
@@ -20,12 +20,13 @@ def configure(p):
     p.add_argument("--out", default=None, metavar="FILE", help="also write the result JSON here")
     p.add_argument("--plot", default=None, metavar="PNG", help="write the heatmap PNG here")
     add_device_arg(p)
+    add_dtype_arg(p)
 
 
 @friendly
 def main(args) -> int:
     from ..align import align, default_block_len, measure_overhead
-    from .common import blocks, emit, load_pair, read_text, resolve_device
+    from .common import blocks, emit, load_pair, read_text, resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     if args.student is None:
@@ -39,7 +40,8 @@ def main(args) -> int:
     world = init_world()  # under torchrun: blocks sharded over ranks, CKA statistics all-reduced
     # each rank runs both models on its own device (cuda:LOCAL_RANK with nccl)
     teacher, tok, student, _, record, layer_map = load_pair(
-        args.teacher, args.student, device=world.device if world.is_distributed else device)
+        args.teacher, args.student, device=world.device if world.is_distributed else device,
+        dtype=resolve_dtype(args.dtype))
     ctx = default_block_len(teacher, cap=1 << 62)
     if args.block_len is not None and args.block_len > ctx:
         raise ValueError(f"--block-len: {args.block_len} exceeds the model's {ctx} positions")
@@ -50,6 +52,7 @@ def main(args) -> int:
     if args.overhead:
         res["overhead"] = measure_overhead(teacher, student, ids[0], layer_map=layer_map, chunk_len=args.chunk,
                                            heatmap=not args.no_heatmap)
+    res["dtype"] = str(next(student.parameters()).dtype).replace("torch.", "")
     if not world.is_main:
         return 0  # linear CKA and the heatmap are all-reduced (kernel CKA is the main rank's own); it writes
     if args.plot and "heatmap" in res:

@@ -21,6 +21,17 @@ def add_device_arg(p):
                         "cuda:N; under torchrun every rank uses its own device instead")
 
 
+def add_dtype_arg(p):
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="precision the models are loaded and run in (bfloat16 halves their memory; the CKA "
+                        "statistics are accumulated in float64 either way)")
+
+
+def resolve_dtype(arg: str | None):
+    import torch
+    return getattr(torch, arg or "float32")
+
+
 def resolve_device(arg: str | None):
     """The torch.device for --device, checked before any model is loaded."""
     import torch
@@ -85,27 +96,29 @@ def fit_len(value, flag: str, *models, default: int = 256) -> int:
     return value
 
 
-def load_any(path, device=None):
+def load_any(path, device=None, dtype=None):
     """(model, tokenizer, record): a directory saved by `sdft degrade`/`sdft recover` or any HF causal LM
-    (None = the embedded default model), moved to `device` if given."""
+    (None = the embedded default model) in `dtype` (default float32), moved to `device` if given."""
+    import torch
     from ..io import load_model_dir
     from ..models import load_model
+    dtype = dtype or torch.float32
     if path is None:
-        (m, t), r = load_model(None), None
+        (m, t), r = load_model(None, dtype=dtype), None
     else:
-        m, t, r = load_model_dir(path)
+        m, t, r = load_model_dir(path, dtype=dtype)
     if device is not None:
         m.to(device)
     return m, t, r
 
 
-def load_pair(teacher_path, student_path, device=None):
+def load_pair(teacher_path, student_path, device=None, dtype=None):
     """Teacher and student, checked compatible (tokenizer, vocabulary, layer map) before any work, both
-    moved to `device` if given."""
+    in `dtype` (default float32) and moved to `device` if given."""
     from ..align import check_layer_map, _layers
     from ..recover import check_compatible
-    teacher, ttok, _ = load_any(teacher_path)
-    student, stok, record = load_any(student_path)
+    teacher, ttok, _ = load_any(teacher_path, dtype=dtype)
+    student, stok, record = load_any(student_path, dtype=dtype)
     check_compatible(teacher, student, ttok, stok)
     layer_map = record["layer_map"] if record else None
     check_layer_map(layer_map, len(_layers(student)), len(_layers(teacher)))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .common import friendly
 
-from .common import add_device_arg, add_model_arg, add_text_args
+from .common import add_device_arg, add_dtype_arg, add_model_arg, add_text_args
 
 
 def configure(p):
@@ -16,12 +16,13 @@ def configure(p):
     p.add_argument("--task-examples", type=int, default=48, help="narrow-task examples (0: skip)")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the result JSON here")
     add_device_arg(p)
+    add_dtype_arg(p)
 
 
 @friendly
 def main(args) -> int:
     from ..data import encode
-    from .common import emit, fit_len, load_any, read_text, resolve_device
+    from .common import emit, fit_len, load_any, read_text, resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     for name in ("tokens", "window", "stride"):
@@ -30,7 +31,7 @@ def main(args) -> int:
     if args.stride is not None and args.window is not None and args.stride > args.window:
         raise ValueError(f"--stride ({args.stride}) must not exceed --window ({args.window})")
     text = read_text(args.text, "heldout")
-    model, tok, record = load_any(args.model, device)
+    model, tok, record = load_any(args.model, device, resolve_dtype(args.dtype))
     window = fit_len(args.window, "--window", model)
     stride = args.stride or max(1, window // 2)
     if stride > window:
@@ -43,7 +44,8 @@ def main(args) -> int:
     if args.task_examples > 0:  # first: it refuses a model too short for the task before any scoring
         from .. import tasks
         acc = float(tasks.task_accuracy(model, tok, tasks.make_examples(args.task_examples, seed=1)))
-    out = {"model": args.model or "default", "tokens": int(ids.numel()),
+    out = {"model": args.model or "default", "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+           "tokens": int(ids.numel()),
            "perplexity": float(perplexity(model, ids, window=window, stride=stride))}
     if acc is not None:
         out["task_accuracy"] = acc
