@@ -251,3 +251,25 @@ def test_eval_and_align_in_bfloat16_match_float32(tiny_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: not one of the choices
         main(["eval", "--model", str(deg), "--dtype", "float64"])
     assert "--dtype: invalid choice" in capsys.readouterr().err
+
+
+def test_layer_map_option_pairs_models_of_different_depth(tiny_dir, tmp_path, capsys):
+    from sdft_kernels.commands.common import uniform_layer_map
+    assert uniform_layer_map(2, 6) == [2, 5] and uniform_layer_map(3, 3) == [0, 1, 2] and uniform_layer_map(1, 4) == [3]
+    shallow = tmp_path / "shallow"  # another model, one block, no degradation record
+    model, tok = tiny_random_model(num_layers=1, hidden_size=32, seed=3)
+    save_model_dir(model, tok, shallow)
+    args = ["align", "--teacher", str(tiny_dir), "--student", str(shallow), "--block-len", "64", "--blocks", "1",
+            "--no-heatmap"]
+    assert main(args) == 2
+    assert "--layer-map sets it" in capsys.readouterr().err
+    for lm, want in (("uniform", [1]), ("0", [0])):
+        assert main(args + ["--layer-map", lm]) == 0
+        assert json.loads(capsys.readouterr().out)["layer_map"] == want
+    for bad, msg in (("0,1", "one teacher index per student layer"), ("7", "must be in [0, 2)"), ("a", "comma-separated")):
+        assert main(args + ["--layer-map", bad]) == 2
+        assert msg in capsys.readouterr().err
+    rec = tmp_path / "rec"
+    assert main(["recover", "--teacher", str(tiny_dir), "--student", str(shallow), "--out", str(rec), "--steps", "1",
+                 "--batch-size", "2", "--block-len", "32", "--max-blocks", "4", "--layer-map", "uniform"]) == 0
+    assert read_json(rec / "model" / "degradation.json")["layer_map"] == [1]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .common import friendly
 
-from .common import add_device_arg, add_dtype_arg, add_model_arg, add_text_args
+from .common import add_device_arg, add_dtype_arg, add_layer_map_arg, add_model_arg, add_text_args
 
 
 def configure(p):
@@ -19,6 +19,7 @@ def configure(p):
     p.add_argument("--overhead", action="store_true", help="also time alignment vs the plain forward passes")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the result JSON here")
     p.add_argument("--plot", default=None, metavar="PNG", help="write the heatmap PNG here")
+    add_layer_map_arg(p)
     add_device_arg(p)
     add_dtype_arg(p)
 
@@ -26,7 +27,7 @@ def configure(p):
 @friendly
 def main(args) -> int:
     from ..align import align, default_block_len, measure_overhead
-    from .common import blocks, emit, load_pair, read_text, resolve_device, resolve_dtype
+    from .common import blocks, emit, load_pair, parse_layer_map, read_text, resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     if args.student is None:
@@ -41,7 +42,7 @@ def main(args) -> int:
     # each rank runs both models on its own device (cuda:LOCAL_RANK with nccl)
     teacher, tok, student, _, record, layer_map = load_pair(
         args.teacher, args.student, device=world.device if world.is_distributed else device,
-        dtype=resolve_dtype(args.dtype))
+        dtype=resolve_dtype(args.dtype), layer_map=parse_layer_map(args.layer_map))
     ctx = default_block_len(teacher, cap=1 << 62)
     if args.block_len is not None and args.block_len > ctx:
         raise ValueError(f"--block-len: {args.block_len} exceeds the model's {ctx} positions")

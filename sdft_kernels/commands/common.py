@@ -112,16 +112,48 @@ def load_any(path, device=None, dtype=None):
     return m, t, r
 
 
-def load_pair(teacher_path, student_path, device=None, dtype=None):
+def add_layer_map_arg(p):
+    p.add_argument("--layer-map", default=None, metavar="MAP",
+                   help="student block -> teacher block: comma-separated teacher indices, one per student "
+                        "block (e.g. 0,2,5), or 'uniform' (evenly spaced, last onto last); default: the "
+                        "student's degradation record, else the identity")
+
+
+def parse_layer_map(text):
+    """--layer-map's value: None, "uniform" or a list of ints (range-checked once the models are loaded)."""
+    if text is None or text.strip().lower() == "uniform":
+        return None if text is None else "uniform"
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--layer-map: expected comma-separated teacher block indices (e.g. 0,2,5) or "
+                         f"'uniform', got {text!r}") from None
+
+
+def uniform_layer_map(n_student: int, n_teacher: int) -> list[int]:
+    """Student block i -> teacher block ceil((i + 1) * n_teacher / n_student) - 1: evenly spaced, the last
+    onto the last (the blocks whose outputs a shallower model's blocks most plausibly stand for)."""
+    return [-(-(i + 1) * n_teacher // n_student) - 1 for i in range(n_student)]
+
+
+def load_pair(teacher_path, student_path, device=None, dtype=None, layer_map=None):
     """Teacher and student, checked compatible (tokenizer, vocabulary, layer map) before any work, both
-    in `dtype` (default float32) and moved to `device` if given."""
+    in `dtype` (default float32) and moved to `device` if given. layer_map (parse_layer_map's value)
+    overrides the student's degradation record."""
     from ..align import check_layer_map, _layers
     from ..recover import check_compatible
     teacher, ttok, _ = load_any(teacher_path, dtype=dtype)
     student, stok, record = load_any(student_path, dtype=dtype)
     check_compatible(teacher, student, ttok, stok)
-    layer_map = record["layer_map"] if record else None
-    check_layer_map(layer_map, len(_layers(student)), len(_layers(teacher)))
+    n_s, n_t = len(_layers(student)), len(_layers(teacher))
+    if layer_map == "uniform":
+        layer_map = uniform_layer_map(n_s, n_t)
+    elif layer_map is None:
+        layer_map = record["layer_map"] if record else None
+    try:
+        layer_map = check_layer_map(layer_map, n_s, n_t)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{exc} (--layer-map sets it)") from None
     teacher.eval().requires_grad_(False)
     if device is not None:
         teacher.to(device), student.to(device)

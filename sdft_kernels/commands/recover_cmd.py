@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .common import friendly
 
-from .common import add_device_arg, add_model_arg, add_text_args
+from .common import add_device_arg, add_layer_map_arg, add_model_arg, add_text_args
 
 
 def configure(p):
@@ -29,6 +29,7 @@ def configure(p):
     p.add_argument("--align-blocks", type=int, default=1, help="held-out blocks for the CKA trajectory (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="under torchrun")
+    add_layer_map_arg(p)
     add_device_arg(p)
 
 
@@ -39,7 +40,7 @@ def main(args) -> int:
     from ..data import load_text
     from ..distributed import init_world
     from ..recover import RecoverConfig, kl_to_teacher, merge_lora, recover
-    from .common import blocks, emit, fit_len, load_pair, read_text, resolve_device
+    from .common import blocks, emit, fit_len, load_pair, parse_layer_map, read_text, resolve_device
 
     device = resolve_device(args.device)
     if args.student is None:
@@ -56,7 +57,8 @@ def main(args) -> int:
     world = init_world()
     # under torchrun each rank's models go to its own device (recover wraps the student there)
     teacher, tok, student, stok, record, layer_map = load_pair(
-        args.teacher, args.student, device=None if world.is_distributed else device)
+        args.teacher, args.student, device=None if world.is_distributed else device,
+        layer_map=parse_layer_map(args.layer_map))
     block_len = fit_len(args.block_len, "--block-len", teacher, student)
     train_ids = blocks(tok, text, block_len, args.max_blocks, "--text")
     held = blocks(tok, load_text("heldout"), block_len, 4, "held-out")
@@ -77,6 +79,8 @@ def main(args) -> int:
         student = fresh
     student = merge_lora(student)
     kl1 = kl_to_teacher(teacher, student, held) if world.is_main else None
+    if args.layer_map is not None:  # the saved model's record carries the map it was trained and aligned with
+        record = {**(record or {"kind": "unknown", "params": {}}), "layer_map": layer_map}
     if world.is_main:
         sio.save_model_dir(student, stok, out / "model", record)
         summary = {"steps": cfg.steps, "resumed_from": res.resumed_from, "kl_before": kl0, "kl_after": kl1,
