@@ -43,8 +43,11 @@ def _hf(model):
 def final_hidden(model, input_ids, attention_mask=None):
     """The final hidden states [B, T, H] the lm_head reads, from a forward that computes the logits of
     the last position only."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, output_hidden_states=True,
-                use_cache=False)
+    kw = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+    try:
+        out = model(**kw, logits_to_keep=1)
+    except TypeError:  # an architecture (or older transformers) without logits_to_keep: same states, full logits
+        out = model(**kw)
     return out.hidden_states[-1]
 
 
