@@ -174,6 +174,13 @@ def _self_moment(u, blocks=8, out=None):
     return out, True
 
 
+def _single_process(group) -> bool:
+    """True when all_reduce has no other rank to merge with: torch.distributed unavailable or not
+    initialised (a process group passed explicitly must be usable)."""
+    import torch.distributed as dist
+    return group is None and not (dist.is_available() and dist.is_initialized())
+
+
 def _from_upper(m):
     """The symmetric matrix whose upper triangle is m's (m's lower triangle is ignored)."""
     return torch.triu(m) + torch.triu(m, 1).mT
@@ -516,8 +523,12 @@ class LinearCKA:
     def all_reduce(self, group=None):
         """Replace this rank's state by the exact merge of every rank's state (torch.distributed).
         Each rank's float64 (n, means, co-moments) is gathered and Chan-merged in rank order, so every
-        rank ends with bit-identical results, equal to a single process seeing all tokens."""
+        rank ends with bit-identical results, equal to a single process seeing all tokens. Without an
+        initialised process group (a plain single-process run) there is nothing to merge: a no-op, so
+        one script serves both."""
         import torch.distributed as dist
+        if _single_process(group):
+            return self
         world = dist.get_world_size(group)
         metas = [None] * world
         dist.all_gather_object(metas, (self.pairs, self.widths, (self.debiased, self.drop_first), self.n),
@@ -678,8 +689,11 @@ class MinibatchCKA:
         return self
 
     def all_reduce(self, group=None):
-        """Sum the per-batch HSIC sums of every rank (the estimator is a plain sum over batches)."""
+        """Sum the per-batch HSIC sums of every rank (the estimator is a plain sum over batches); a no-op
+        without an initialised process group."""
         import torch.distributed as dist
+        if _single_process(group):
+            return self
         world = dist.get_world_size(group)
         metas = [None] * world
         shape = None if self.hxy is None else tuple(self.hxy.shape)

@@ -64,3 +64,16 @@ def test_two_process_gloo_all_reduce_equals_single_process(tmp_path, rendezvous_
     r0, r1 = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
     np.testing.assert_array_equal(r0, r1)  # every rank ends with the same numbers
     np.testing.assert_allclose(r0, want, rtol=0, atol=1e-12)
+
+
+def test_all_reduce_without_a_process_group_is_a_no_op():
+    """One script for both launches: in a plain single-process run all_reduce leaves the state as it was
+    (it used to raise 'Default process group has not been initialized')."""
+    assert not dist.is_initialized()
+    g = torch.Generator().manual_seed(0)
+    xs, ys = [torch.randn(40, 6, generator=g)], [torch.randn(40, 5, generator=g)]
+    for est in (LinearCKA(pairs="all"), MinibatchCKA()):
+        est.update(xs, ys)
+        before = est.compute().clone()
+        assert est.all_reduce() is est
+        assert torch.equal(est.compute(), before)
