@@ -61,7 +61,9 @@ class DistillationLoss(nn.Module):
 
     def from_hidden(self, student_hidden, student_head, teacher_hidden, teacher_head, labels=None, mask=None):
         """Fused-linear form: *_hidden [..., H] are the final hidden states, *_head an nn.Linear
-        (the model's lm_head, e.g. model.get_output_embeddings()) or a weight tensor [V, H]."""
+        (the model's lm_head, e.g. model.get_output_embeddings()), a weight tensor [V, H] or a
+        (weight, bias) pair. For a model that scales its logits (Cohere, Granite) pass
+        sdft_kernels.heads.head_params(model), which folds the scale in."""
         sw, sb = _weight_bias("student_head", student_head)
         tw, tb = _weight_bias("teacher_head", teacher_head)
         s, t, labels, mask = self._shift(student_hidden, teacher_hidden, labels, mask)
@@ -76,22 +78,34 @@ class DistillationLoss(nn.Module):
 
 
 def _weight_bias(name, head):
+    """(weight, bias) from a head given as a weight tensor, a (weight, bias) pair (heads.head_params) or
+    a linear module (a QuantLinear's fake-quantised weight; LoRA adapters on it are refused: the fused
+    loss reads the weight and would ignore them)."""
     if isinstance(head, torch.Tensor):
         return head, None
+    if isinstance(head, tuple) and len(head) == 2 and isinstance(head[0], torch.Tensor):
+        return head
     if isinstance(head, nn.Module) and isinstance(getattr(head, "weight", None), torch.Tensor):
-        return head.weight, getattr(head, "bias", None)
-    raise TypeError(f"{name}: expected an nn.Linear-like module (with .weight [V, H]) or a weight tensor")
+        if hasattr(head, "lora_A") or hasattr(head, "base_layer"):
+            raise ValueError(f"{name}: carries LoRA adapters, which the fused loss (reading its weight) would "
+                             "ignore; leave lm_head out of the LoRA target modules")
+        w = head.effective_weight() if hasattr(head, "effective_weight") else head.weight
+        return w, getattr(head, "bias", None)
+    raise TypeError(f"{name}: expected an nn.Linear-like module (with .weight [V, H]), a weight tensor or a "
+                    "(weight, bias) pair")
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, *,
-                          ignore_index: int = -100, chunk_size: int | None = None) -> torch.Tensor:
+                          ignore_index: int = -100, chunk_size: int | None = None,
+                          logit_scale: float = 1.0) -> torch.Tensor:
     """Summed cross-entropy of head(hidden) [N, V] against targets [N], a chunk of tokens at a time.
 
     Each chunk's logits are recomputed in backward (activation checkpointing), so at most one chunk of
     logits exists at any time, in forward or backward: the memory of the full N x V logits (and their
     float32 copy and gradient) is never needed. hidden [N, d]; head: any module mapping [C, d] -> [C, V]
     (an lm_head, a QuantLinear, a LoRA-wrapped Linear); chunk_size: tokens per chunk, default from the same
-    256 MiB budget as fused_linear_distill_loss. Costs one extra head matmul per chunk in backward."""
+    256 MiB budget as fused_linear_distill_loss; logit_scale: the factor the model applies to its head's
+    output (heads.logit_scale). Costs one extra head matmul per chunk in backward."""
     from torch.utils.checkpoint import checkpoint
 
     from .ops.fused_linear import _chunk_rows
@@ -103,7 +117,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.
     chunk = _chunk_rows(hidden.shape[0], vocab or 1, 4, chunk_size)
 
     def piece(h, t):
-        return nn.functional.cross_entropy(head(h).float(), t, ignore_index=ignore_index, reduction="sum")
+        logits = head(h).float()
+        return nn.functional.cross_entropy(logits * logit_scale if logit_scale != 1.0 else logits, t,
+                                           ignore_index=ignore_index, reduction="sum")
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for c0 in range(0, hidden.shape[0], chunk):

@@ -25,6 +25,7 @@ from . import io as sio
 from .align import align, check_layer_map, unwrap, _layers
 from .distributed import World, all_reduce_sum_, barrier, init_world, shard, wrap_student
 from .distributed import full_state, gathered_root, load_full_state, single_process_world
+from .heads import check_head, head_params, logit_scale
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -113,11 +114,12 @@ class SDFTObjective(torch.nn.Module):
         hf = unwrap(self.student)
         h = hf.base_model(input_ids=ids).last_hidden_state          # [B, T, d_s]
         head = hf.get_output_embeddings()
+        sw, sb = head_params(hf, "student")  # the weight the logits come from (quantised, logit scale)
         cfg = self.cfg
         kd = fused_linear_distill_loss(
-            h.reshape(-1, h.shape[-1]), head.weight,
+            h.reshape(-1, h.shape[-1]), sw,
             teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight,
-            student_bias=head.bias, teacher_bias=teacher_bias, divergence=cfg.divergence,
+            student_bias=sb, teacher_bias=teacher_bias, divergence=cfg.divergence,
             beta=cfg.beta, temperature=cfg.temperature, scale_by_t2=cfg.temperature != 1.0,
             chunk_size=cfg.chunk_size, reduction="sum")
         if cfg.ce_weight > 0:
@@ -125,10 +127,15 @@ class SDFTObjective(torch.nn.Module):
             # CE mixing does not bring back the N x V logits that the fused divergence avoids.
             from .losses import chunked_cross_entropy
             ce = chunked_cross_entropy(h[:, :-1].reshape(-1, h.shape[-1]), head, ids[:, 1:].reshape(-1),
-                                       chunk_size=cfg.chunk_size)
+                                       chunk_size=cfg.chunk_size, logit_scale=logit_scale(hf, "student"))
         else:
             ce = h.new_zeros(())
         return kd, ce
+
+
+def _base_hidden(hf, ids):
+    """The final hidden states SDFTObjective and kl_to_teacher feed the fused loss."""
+    return hf.base_model(input_ids=ids).last_hidden_state
 
 
 def teacher_hidden(teacher, ids):
@@ -284,7 +291,10 @@ def recover(teacher, student, train_ids: torch.Tensor, config: RecoverConfig | N
     if world.is_distributed:
         teacher.to(world.device)  # each rank holds a frozen teacher replica on its own device
     thf = unwrap(teacher)
-    t_head = thf.get_output_embeddings()
+    t_head = head_params(thf, "teacher")
+    probe = train_ids[:1, :8].to(next(unwrap(student).parameters()).device)
+    check_head(teacher, _base_hidden, probe.to(next(thf.parameters()).device), "teacher")
+    check_head(student, _base_hidden, probe, "student")
 
     objective = SDFTObjective(student, cfg)
     # Wrap before building the optimizer: FSDP replaces the parameters with sharded ones.
@@ -369,7 +379,7 @@ def recover(teacher, student, train_ids: torch.Tensor, config: RecoverConfig | N
             counts = torch.tensor([float(ids.numel()), float(ids.shape[0] * (ids.shape[1] - 1))],
                                   device=device)
             all_reduce_sum_(counts, world)
-            kd_sum, ce_sum = model(ids, t_h, t_head.weight, t_head.bias)
+            kd_sum, ce_sum = model(ids, t_h, *t_head)
             kd = kd_sum / counts[0]
             ce = ce_sum / counts[1]
             loss = (kd + cfg.ce_weight * ce) * world.world_size
@@ -422,7 +432,7 @@ def kl_to_teacher(teacher, student, ids: torch.Tensor, divergence: str = "forwar
     fused_linear_distill_loss = _fused_loss()
     total, n = 0.0, 0
     shf, thf = unwrap(student), unwrap(teacher)
-    sh, th = shf.get_output_embeddings(), thf.get_output_embeddings()
+    (sw, sb), (tw, tb) = head_params(shf, "student"), head_params(thf, "teacher")
     was = student.training
     student.eval()
     device = next(shf.parameters()).device
@@ -430,9 +440,9 @@ def kl_to_teacher(teacher, student, ids: torch.Tensor, divergence: str = "forwar
         b = ids[s:s + batch_size].to(device)
         hs = shf.base_model(input_ids=b).last_hidden_state
         ht = thf.base_model(input_ids=b).last_hidden_state
-        total += float(fused_linear_distill_loss(hs.reshape(-1, hs.shape[-1]), sh.weight,
-                                                 ht.reshape(-1, ht.shape[-1]), th.weight,
-                                                 student_bias=sh.bias, teacher_bias=th.bias,
+        total += float(fused_linear_distill_loss(hs.reshape(-1, hs.shape[-1]), sw,
+                                                 ht.reshape(-1, ht.shape[-1]), tw,
+                                                 student_bias=sb, teacher_bias=tb,
                                                  divergence=divergence, reduction="none").sum())
         n += b.numel()
     student.train(was)

@@ -28,16 +28,10 @@ import copy
 import torch
 from transformers import Trainer
 
+from .heads import _hf, check_head, head_params, logit_scale
 from .losses import DistillationLoss, chunked_cross_entropy
 
 __all__ = ["DistillationTrainer"]
-
-
-def _hf(model):
-    """The Hugging Face model inside DDP / peft wrappers (what owns get_output_embeddings)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def final_hidden(model, input_ids, attention_mask=None):
@@ -49,26 +43,6 @@ def final_hidden(model, input_ids, attention_mask=None):
     except TypeError:  # an architecture (or older transformers) without logits_to_keep: same states, full logits
         out = model(**kw)
     return out.hidden_states[-1]
-
-
-@torch.no_grad()
-def check_head_input(model, input_ids, name: str) -> None:
-    """Refuse a model whose last hidden state is not its lm_head's input (a projection or norm after the
-    recorded states): the fused loss would distill the wrong logits. One forward on a few tokens."""
-    hf = _hf(model)
-    was = hf.training
-    hf.eval()
-    try:
-        ids = input_ids[:1, :8]
-        full = hf(input_ids=ids, use_cache=False).logits.float()
-        h = final_hidden(hf, ids)
-        got = hf.get_output_embeddings()(h).float()
-    finally:
-        hf.train(was)
-    tol = 1e-3 * max(1.0, float(full.abs().max()))
-    if got.shape != full.shape or float((got - full).abs().max()) > tol:
-        raise ValueError(f"{name}: its last hidden state is not the input of its output head (logits differ); "
-                         "DistillationTrainer cannot use the fused loss on this architecture")
 
 
 class DistillationTrainer(Trainer):
@@ -106,22 +80,22 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids = inputs["input_ids"]
         attn, labels = inputs.get("attention_mask"), inputs.get("labels")
-        if not self._checked:
-            check_head_input(model, ids, "model")
-            check_head_input(self.teacher, ids, "teacher_model")
+        if not self._checked:  # logits = final hidden @ head (scaled, quantised) for both, or refused
+            check_head(model, final_hidden, ids, "model")
+            check_head(self.teacher, final_hidden, ids, "teacher_model")
             self._checked = True
         mask = attn.bool() if attn is not None else None
         s_h = final_hidden(model, ids, attn)
         with torch.no_grad():
             t_h = final_hidden(self.teacher, ids, attn)
-        head = _hf(model).get_output_embeddings()
-        loss = self.distill.from_hidden(s_h, head, t_h, self.teacher.get_output_embeddings(), labels=labels,
-                                        mask=mask)
+        loss = self.distill.from_hidden(s_h, head_params(model, "model"), t_h,
+                                        head_params(self.teacher, "teacher_model"), labels=labels, mask=mask)
         if self.ce_weight > 0:
             target = (labels if labels is not None else ids)[:, 1:]
             if labels is None and mask is not None:
                 target = target.masked_fill(~mask[:, 1:], -100)
             n = (target != -100).sum().clamp_min(1)
-            ce = chunked_cross_entropy(s_h[:, :-1].reshape(-1, s_h.shape[-1]), head, target.reshape(-1))
+            ce = chunked_cross_entropy(s_h[:, :-1].reshape(-1, s_h.shape[-1]), _hf(model).get_output_embeddings(),
+                                       target.reshape(-1), logit_scale=logit_scale(model, "model"))
             loss = loss + self.ce_weight * ce / n
         return (loss, None) if return_outputs else loss

@@ -7,10 +7,10 @@ import tempfile
 import pytest
 import torch
 
-from sdft_kernels import data, models
+from sdft_kernels import DistillationLoss, data, models
 from sdft_kernels.align import align
 from sdft_kernels.io import load_model_dir, save_model_dir
-from sdft_kernels.recover import RecoverConfig, recover
+from sdft_kernels.recover import RecoverConfig, kl_to_teacher, recover
 from sdft_kernels.specs import apply_spec, parse_spec
 
 transformers = pytest.importorskip("transformers")
@@ -39,7 +39,13 @@ ARCHS = {  # name: (config class, its arguments beyond vocab_size)
     "olmo": ("OlmoConfig", dict(hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=4)),
     "gpt_bigcode": ("GPTBigCodeConfig", dict(n_embd=H, n_layer=L, n_head=4)),
     "codegen": ("CodeGenConfig", dict(n_embd=H, n_layer=L, n_head=4, rotary_dim=4)),
+    # logits scaled after the head (folded into the fused loss's head weight): Cohere x logit_scale,
+    # Granite / logits_scaling
+    "cohere": ("CohereConfig", dict(hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=4)),
+    "granite": ("GraniteConfig", dict(hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=4,
+                                      logits_scaling=4.0)),
 }
+SOFT_CAPPED = {"gemma2"}  # tanh soft-capped logits: refused by the fused losses, not trained on other logits
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +84,16 @@ def test_degrade_save_reload_align_recover(arch, tok_ids):
     # alignment and one SDFT step on the last one (two blocks mapped onto three)
     cka = align(teacher, back, held[:1], layer_map=record["layer_map"], heatmap=False)["cka"]
     assert len(cka) == L - 1 and all(0.0 <= c <= 1.0 + 1e-6 for c in cka)
+    if arch in SOFT_CAPPED:
+        with pytest.raises(ValueError, match="soft-caps its logits"):
+            recover(teacher, back, calib, RecoverConfig(steps=1, batch_size=2), layer_map=record["layer_map"],
+                    progress=False)
+        return
+    # the divergence SDFT trains on is the one between the models' own logits
+    kl = kl_to_teacher(teacher, back, held)
+    with torch.no_grad():
+        ref = DistillationLoss()(back(input_ids=held).logits, teacher(input_ids=held).logits)
+    assert kl == pytest.approx(float(ref), rel=1e-4, abs=1e-7)
     res = recover(teacher, back, calib, RecoverConfig(steps=1, batch_size=2), layer_map=record["layer_map"],
                   progress=False)
     assert torch.isfinite(torch.tensor(res.history[-1]["divergence"]))

@@ -205,3 +205,20 @@ def test_chunked_cross_entropy_equals_full_logits(chunk):
     torch.testing.assert_close(gw, ww, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="targets"):
         chunked_cross_entropy(h, head, tgt[:-1])
+
+
+def test_a_quantized_lm_head_is_what_the_fused_loss_reads(setup):
+    """With include_lm_head the head is a QuantLinear: SDFT's fused loss must use its fake-quantized weight
+    (as its forward does), not the latent one; the KL it reports equals the KL of the models' own logits."""
+    from sdft_kernels import DistillationLoss
+    teacher, _, train, held, _ = setup
+    student, _ = quantize_rtn(teacher, 2, group_size=16, include_lm_head=True)
+    assert isinstance(student.get_output_embeddings(), QuantLinear)
+    with torch.no_grad():
+        ref = DistillationLoss()(student(input_ids=held).logits, teacher(input_ids=held).logits)
+    assert kl_to_teacher(teacher, student, held) == pytest.approx(float(ref), rel=1e-5)
+    # and training reaches the head's latent weight through the straight-through estimator
+    w0 = student.get_output_embeddings().weight.detach().clone()
+    recover(teacher, student, train, RecoverConfig(steps=2, batch_size=4, lr=1e-3, schedule="constant"),
+            progress=False)
+    assert not torch.equal(student.get_output_embeddings().weight.detach(), w0)

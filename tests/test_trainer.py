@@ -118,5 +118,5 @@ def test_bad_setups_are_refused(tmp_path):
     student.get_output_embeddings().weight  # noqa: B018
     student.lm_head = torch.nn.Sequential(torch.nn.LayerNorm(32), student.lm_head)
     student.get_output_embeddings = lambda: student.lm_head[1]
-    with pytest.raises(ValueError, match="not the input of its output head"):
+    with pytest.raises(ValueError, match="logits are not its final hidden states times its output head"):
         tr.compute_loss(student, batch(len(tok)))

@@ -141,18 +141,21 @@ class QuantLinear(nn.Linear):
         self.zeros.copy_(z)
         self._cache = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def effective_weight(self) -> torch.Tensor:
+        """The weight forward computes with: the quantised weight, its gradient passed straight through to
+        the latent weight when training (also what the fused losses read from a quantised lm_head)."""
         w = self.weight
         if torch.is_grad_enabled() and w.requires_grad:
             wq = fake_quant(w, self.scales, self.zeros, self.bits, self.group_size, self.symmetric).to(w.dtype)
-            w_used = w + (wq - w).detach()  # straight-through estimator
-        else:
-            # Inference: reuse the quantised weight until the latent weight or the grid changes.
-            key = (w._version, w.data_ptr(), self.scales._version, self.scales.data_ptr(), w.device)
-            if self._cache is None or self._cache[0] != key:
-                self._cache = (key, self.quantized_weight())
-            w_used = self._cache[1]
-        return F.linear(x, w_used, self.bias)
+            return w + (wq - w).detach()  # straight-through estimator
+        # Inference: reuse the quantised weight until the latent weight or the grid changes.
+        key = (w._version, w.data_ptr(), self.scales._version, self.scales.data_ptr(), w.device)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.quantized_weight())
+        return self._cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight(), self.bias)
 
     def export(self) -> dict:
         """Integer codes [out, in] (uint8), float16 scales and integer zeros [out, n_groups]; dequantize

@@ -1,0 +1,74 @@
+"""The (weight, bias) a causal LM's logits come from, for the fused losses, which multiply the final hidden
+states by the output head themselves instead of calling the model's head.
+
+That is only right when logits = hidden @ W.T + b exactly. Some models transform the head's output:
+Cohere multiplies the logits by config.logit_scale, Granite divides them by config.logits_scaling
+(both linear: folded into W and b here), Gemma 2 soft-caps them with tanh (not linear: refused). A
+QuantLinear head computes with its fake-quantized weight (straight-through, as in its forward), and a
+LoRA-adapted head's adapters are not in its .weight (refused). `check_head` verifies the result against
+the model's own logits once, so an architecture with a transform not listed here is refused too,
+instead of being trained on other logits than it computes.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["head_params", "check_head"]
+
+
+def _hf(model):
+    """The Hugging Face model inside DDP / FSDP / peft / SDFTObjective wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def logit_scale(model, name: str = "model") -> float:
+    """The factor the model multiplies its head's output by (1.0 for most); non-linear transforms raise."""
+    cfg = getattr(_hf(model), "config", None)
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        raise ValueError(f"{name}: soft-caps its logits (final_logit_softcapping={cap}, tanh): the fused "
+                         "distillation loss computes plain hidden @ W logits and cannot apply it")
+    scale = float(getattr(cfg, "logit_scale", None) or 1.0)           # Cohere
+    scaling = getattr(cfg, "logits_scaling", None)                     # Granite
+    return scale / float(scaling) if scaling else scale
+
+
+def head_params(model, name: str = "model"):
+    """(weight [V, H], bias [V] or None) with logits = final_hidden @ weight.T + bias, gradient-carrying
+    for the student (a QuantLinear head through its straight-through fake-quantized weight)."""
+    head = _hf(model).get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise TypeError(f"{name}: expected a causal LM with a linear output head")
+    if hasattr(head, "lora_A") or hasattr(head, "base_layer"):
+        raise ValueError(f"{name}: its output head carries LoRA adapters, which the fused loss (reading the "
+                         "head's weight) would ignore; leave lm_head out of the LoRA target modules")
+    w = head.effective_weight() if hasattr(head, "effective_weight") else head.weight
+    b = getattr(head, "bias", None)
+    s = logit_scale(model, name)
+    if s != 1.0:
+        w, b = w * s, None if b is None else b * s
+    return w, b
+
+
+@torch.no_grad()
+def check_head(model, final_hidden, input_ids, name: str = "model") -> None:
+    """Refuse a model whose logits are not final_hidden(model, ids) @ W.T + b with head_params' (W, b):
+    one forward on at most 8 tokens of one row. final_hidden(model, ids) -> [B, T, H]."""
+    hf = _hf(model)
+    was = hf.training
+    hf.eval()
+    try:
+        ids = input_ids[:1, :8]
+        full = hf(input_ids=ids, use_cache=False).logits.float()
+        w, b = head_params(hf, name)
+        got = torch.nn.functional.linear(final_hidden(hf, ids).to(w.dtype), w, b).float()
+    finally:
+        hf.train(was)
+    tol = 1e-3 * max(1.0, float(full.abs().max()))
+    if got.shape != full.shape or float((got - full).abs().max()) > tol:
+        raise ValueError(f"{name}: its logits are not its final hidden states times its output head "
+                         f"(largest difference {float((got - full).abs().max()):.3g}); the fused distillation "
+                         "loss cannot be used with this architecture")
