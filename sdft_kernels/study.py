@@ -67,6 +67,10 @@ class Context:
         self.teacher.to(device or "cpu").eval().requires_grad_(False)
         self.n_layers = len(decoder_layers(self.teacher))
         self.specs = [parse_spec(s, self.n_layers) for s in cfg.specs]  # bad specs fail here, early
+        from .heads import check_head
+        from .recover import _base_hidden
+        probe = torch.arange(8).unsqueeze(0) % self.teacher.config.vocab_size
+        check_head(self.teacher, _base_hidden, probe.to(device or "cpu"), "model")  # SDFT's fused loss applies
         if any(s.kind not in ("forget", "blocks") for s in self.specs):
             from .degrade.common import check_degradable
             check_degradable(self.teacher)  # weights a quantization / pruning cannot reach (fused MoE)

@@ -97,3 +97,16 @@ def test_degrade_save_reload_align_recover(arch, tok_ids):
     res = recover(teacher, back, calib, RecoverConfig(steps=1, batch_size=2), layer_map=record["layer_map"],
                   progress=False)
     assert torch.isfinite(torch.tensor(res.history[-1]["divergence"]))
+
+
+def test_a_study_refuses_soft_capped_logits_before_its_first_run(tok_ids, tmp_path):
+    from sdft_kernels.study import StudyConfig, run_study
+    tok, _ = tok_ids
+    cls_name, kw = ARCHS["gemma2"]
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(vocab_size=len(tok), **kw))
+    model.save_pretrained(tmp_path / "g2")
+    tok.save_pretrained(tmp_path / "g2")
+    with pytest.raises(ValueError, match="soft-caps its logits"):
+        run_study(StudyConfig.quick_config(model=str(tmp_path / "g2")), tmp_path / "out", progress=False,
+                  log=lambda *a: None)
+    assert not (tmp_path / "out" / "units").exists()
