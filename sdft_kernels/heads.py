@@ -3,17 +3,17 @@ states by the output head themselves instead of calling the model's head.
 
 That is only right when logits = hidden @ W.T + b exactly. Some models transform the head's output:
 Cohere multiplies the logits by config.logit_scale, Granite divides them by config.logits_scaling
-(both linear: folded into W and b here), Gemma 2 soft-caps them with tanh (not linear: refused). A
-QuantLinear head computes with its fake-quantized weight (straight-through, as in its forward), and a
-LoRA-adapted head's adapters are not in its .weight (refused). `check_head` verifies the result against
-the model's own logits once, so an architecture with a transform not listed here is refused too,
-instead of being trained on other logits than it computes.
+(both linear: folded into W and b here), Gemma 2 soft-caps them, c * tanh(logits / c) (`softcap`:
+the fused loss applies it per chunk). A QuantLinear head computes with its fake-quantized weight
+(straight-through, as in its forward), and a LoRA-adapted head's adapters are not in its .weight
+(refused). `check_head` verifies the result against the model's own logits once, so an architecture
+with a transform not listed here is refused, instead of being trained on other logits than it computes.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["head_params", "check_head"]
+__all__ = ["head_params", "check_head", "logit_scale", "softcap"]
 
 
 def _hf(model):
@@ -23,14 +23,20 @@ def _hf(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def logit_scale(model, name: str = "model") -> float:
-    """The factor the model multiplies its head's output by (1.0 for most); non-linear transforms raise."""
+def _text_config(model):
     cfg = getattr(_hf(model), "config", None)
-    cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    if cap:
-        raise ValueError(f"{name}: soft-caps its logits (final_logit_softcapping={cap}, tanh): the fused "
-                         "distillation loss computes plain hidden @ W logits and cannot apply it")
+    return getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
+
+
+def softcap(model):
+    """The model's final-logit soft-cap c (logits = c * tanh(head / c)), or None."""
+    cap = getattr(_text_config(model), "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def logit_scale(model, name: str = "model") -> float:
+    """The factor the model multiplies its head's output by (1.0 for most), before any soft-cap."""
+    cfg = _text_config(model)
     scale = float(getattr(cfg, "logit_scale", None) or 1.0)           # Cohere
     scaling = getattr(cfg, "logits_scaling", None)                     # Granite
     return scale / float(scaling) if scaling else scale
@@ -65,6 +71,8 @@ def check_head(model, final_hidden, input_ids, name: str = "model") -> None:
         full = hf(input_ids=ids, use_cache=False).logits.float()
         w, b = head_params(hf, name)
         got = torch.nn.functional.linear(final_hidden(hf, ids).to(w.dtype), w, b).float()
+        cap = softcap(hf)
+        got = got if cap is None else cap * torch.tanh(got / cap)
     finally:
         hf.train(was)
     tol = 1e-3 * max(1.0, float(full.abs().max()))

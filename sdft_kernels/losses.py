@@ -59,17 +59,20 @@ class DistillationLoss(nn.Module):
         s, t, labels, mask = self._shift(student_logits, teacher_logits, labels, mask)
         return distill_loss(s, t, labels=labels, mask=mask, **self._options())
 
-    def from_hidden(self, student_hidden, student_head, teacher_hidden, teacher_head, labels=None, mask=None):
+    def from_hidden(self, student_hidden, student_head, teacher_hidden, teacher_head, labels=None, mask=None,
+                    student_softcap=None, teacher_softcap=None):
         """Fused-linear form: *_hidden [..., H] are the final hidden states, *_head an nn.Linear
         (the model's lm_head, e.g. model.get_output_embeddings()), a weight tensor [V, H] or a
         (weight, bias) pair. For a model that scales its logits (Cohere, Granite) pass
-        sdft_kernels.heads.head_params(model), which folds the scale in."""
+        sdft_kernels.heads.head_params(model), which folds the scale in; *_softcap: a model's final-logit
+        soft-cap (sdft_kernels.heads.softcap(model), Gemma 2), see fused_linear_distill_loss."""
         sw, sb = _weight_bias("student_head", student_head)
         tw, tb = _weight_bias("teacher_head", teacher_head)
         s, t, labels, mask = self._shift(student_hidden, teacher_hidden, labels, mask)
         return fused_linear_distill_loss(s, sw, t, tw, student_bias=sb, teacher_bias=tb,
                                          vocab_alignment=self.vocab_alignment, chunk_size=self.chunk_size,
-                                         labels=labels, mask=mask, **self._options())
+                                         labels=labels, mask=mask, student_softcap=student_softcap,
+                                         teacher_softcap=teacher_softcap, **self._options())
 
     def extra_repr(self):
         opts = {**self._options(), "shift_labels": self.shift_labels, "vocab_alignment": self.vocab_alignment,
@@ -97,7 +100,7 @@ def _weight_bias(name, head):
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, *,
                           ignore_index: int = -100, chunk_size: int | None = None,
-                          logit_scale: float = 1.0) -> torch.Tensor:
+                          logit_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
     """Summed cross-entropy of head(hidden) [N, V] against targets [N], a chunk of tokens at a time.
 
     Each chunk's logits are recomputed in backward (activation checkpointing), so at most one chunk of
@@ -105,7 +108,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.
     float32 copy and gradient) is never needed. hidden [N, d]; head: any module mapping [C, d] -> [C, V]
     (an lm_head, a QuantLinear, a LoRA-wrapped Linear); chunk_size: tokens per chunk, default from the same
     256 MiB budget as fused_linear_distill_loss; logit_scale: the factor the model applies to its head's
-    output (heads.logit_scale). Costs one extra head matmul per chunk in backward."""
+    output (heads.logit_scale), softcap: its final-logit soft-cap (heads.softcap). Costs one extra head
+    matmul per chunk in backward."""
     from torch.utils.checkpoint import checkpoint
 
     from .ops.fused_linear import _chunk_rows
@@ -118,8 +122,11 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.
 
     def piece(h, t):
         logits = head(h).float()
-        return nn.functional.cross_entropy(logits * logit_scale if logit_scale != 1.0 else logits, t,
-                                           ignore_index=ignore_index, reduction="sum")
+        if logit_scale != 1.0:
+            logits = logits * logit_scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        return nn.functional.cross_entropy(logits, t, ignore_index=ignore_index, reduction="sum")
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for c0 in range(0, hidden.shape[0], chunk):

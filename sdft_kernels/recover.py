@@ -25,7 +25,7 @@ from . import io as sio
 from .align import align, check_layer_map, unwrap, _layers
 from .distributed import World, all_reduce_sum_, barrier, init_world, shard, wrap_student
 from .distributed import full_state, gathered_root, load_full_state, single_process_world
-from .heads import check_head, head_params, logit_scale
+from .heads import check_head, head_params, logit_scale, softcap
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -104,10 +104,11 @@ class SDFTObjective(torch.nn.Module):
 
     Returns (divergence summed over tokens, CE summed over tokens with a next token)."""
 
-    def __init__(self, student, cfg: RecoverConfig):
+    def __init__(self, student, cfg: RecoverConfig, teacher_softcap=None):
         super().__init__()
         self.student = student
         self.cfg = cfg
+        self.teacher_softcap = teacher_softcap  # the teacher's final-logit soft-cap (Gemma 2), or None
 
     def forward(self, ids, teacher_hidden, teacher_weight, teacher_bias=None):
         fused_linear_distill_loss = _fused_loss()
@@ -121,13 +122,15 @@ class SDFTObjective(torch.nn.Module):
             teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight,
             student_bias=sb, teacher_bias=teacher_bias, divergence=cfg.divergence,
             beta=cfg.beta, temperature=cfg.temperature, scale_by_t2=cfg.temperature != 1.0,
-            chunk_size=cfg.chunk_size, reduction="sum")
+            chunk_size=cfg.chunk_size, reduction="sum", student_softcap=softcap(hf),
+            teacher_softcap=self.teacher_softcap)
         if cfg.ce_weight > 0:
             # Next-token CE through the student's head a chunk at a time (recomputed in backward), so
             # CE mixing does not bring back the N x V logits that the fused divergence avoids.
             from .losses import chunked_cross_entropy
             ce = chunked_cross_entropy(h[:, :-1].reshape(-1, h.shape[-1]), head, ids[:, 1:].reshape(-1),
-                                       chunk_size=cfg.chunk_size, logit_scale=logit_scale(hf, "student"))
+                                       chunk_size=cfg.chunk_size, logit_scale=logit_scale(hf, "student"),
+                                       softcap=softcap(hf))
         else:
             ce = h.new_zeros(())
         return kd, ce
@@ -296,7 +299,7 @@ def recover(teacher, student, train_ids: torch.Tensor, config: RecoverConfig | N
     check_head(teacher, _base_hidden, probe.to(next(thf.parameters()).device), "teacher")
     check_head(student, _base_hidden, probe, "student")
 
-    objective = SDFTObjective(student, cfg)
+    objective = SDFTObjective(student, cfg, teacher_softcap=softcap(thf))
     # Wrap before building the optimizer: FSDP replaces the parameters with sharded ones.
     model = wrap_student(objective, world, strategy=cfg.strategy) if world.is_distributed else objective
     device = next(unwrap(student).parameters()).device
@@ -442,7 +445,8 @@ def kl_to_teacher(teacher, student, ids: torch.Tensor, divergence: str = "forwar
         ht = thf.base_model(input_ids=b).last_hidden_state
         total += float(fused_linear_distill_loss(hs.reshape(-1, hs.shape[-1]), sw,
                                                  ht.reshape(-1, ht.shape[-1]), tw,
-                                                 student_bias=sb, teacher_bias=tb,
+                                                 student_bias=sb, teacher_bias=tb, student_softcap=softcap(shf),
+                                                 teacher_softcap=softcap(thf),
                                                  divergence=divergence, reduction="none").sum())
         n += b.numel()
     student.train(was)

@@ -28,7 +28,7 @@ import copy
 import torch
 from transformers import Trainer
 
-from .heads import _hf, check_head, head_params, logit_scale
+from .heads import _hf, check_head, head_params, logit_scale, softcap
 from .losses import DistillationLoss, chunked_cross_entropy
 
 __all__ = ["DistillationTrainer"]
@@ -89,13 +89,15 @@ class DistillationTrainer(Trainer):
         with torch.no_grad():
             t_h = final_hidden(self.teacher, ids, attn)
         loss = self.distill.from_hidden(s_h, head_params(model, "model"), t_h,
-                                        head_params(self.teacher, "teacher_model"), labels=labels, mask=mask)
+                                        head_params(self.teacher, "teacher_model"), labels=labels, mask=mask,
+                                        student_softcap=softcap(model), teacher_softcap=softcap(self.teacher))
         if self.ce_weight > 0:
             target = (labels if labels is not None else ids)[:, 1:]
             if labels is None and mask is not None:
                 target = target.masked_fill(~mask[:, 1:], -100)
             n = (target != -100).sum().clamp_min(1)
             ce = chunked_cross_entropy(s_h[:, :-1].reshape(-1, s_h.shape[-1]), _hf(model).get_output_embeddings(),
-                                       target.reshape(-1), logit_scale=logit_scale(model, "model"))
+                                       target.reshape(-1), logit_scale=logit_scale(model, "model"),
+                                       softcap=softcap(model))
             loss = loss + self.ce_weight * ce / n
         return (loss, None) if return_outputs else loss

@@ -246,3 +246,39 @@ def test_chunk_size_accepts_numpy_ints_not_bools():
     torch.testing.assert_close(fused_linear_distill_loss(**x, chunk_size=np.int64(2)), fused_linear_distill_loss(**x))
     with pytest.raises(ValueError, match="chunk_size"):
         fused_linear_distill_loss(**x, chunk_size=True)
+
+
+def _capped_ref(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
+                caps, **kw):
+    """The soft-capped logits formed in full, then the dense float64 reference (autograd through tanh)."""
+    s = student_hidden @ student_weight.T + student_bias
+    t = teacher_hidden @ teacher_weight.T + teacher_bias
+    cs, ct = caps
+    s = s if cs is None else cs * torch.tanh(s / cs)
+    t = t if ct is None else ct * torch.tanh(t / ct)
+    return distill_loss_ref(s, t, **kw)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("caps", [(3.0, 3.0), (2.0, None), (None, 1.5)])
+def test_soft_capped_logits_equal_the_float64_reference(divergence, reduction, caps):
+    """Gemma 2's c * tanh(logits / c), applied per chunk with the cap's derivative in the gradient."""
+    x = _inputs()
+    x["student_weight"] = x["student_weight"] * 4  # logits of several units: the cap bends them
+    kw = dict(divergence=divergence, reduction=reduction, temperature=1.3, beta=0.4)
+    w = torch.randn(23, dtype=torch.float64) if reduction == "none" else torch.tensor(0.7, dtype=torch.float64)
+    out, g = _grads(fused_linear_distill_loss, x, w, chunk_size=5, student_softcap=caps[0],
+                    teacher_softcap=caps[1], **kw)
+    ref, g_ref = _grads(_capped_ref, x, w, caps=caps, **kw)
+    uncapped, _ = _grads(fused_linear_distill_loss, x, w, chunk_size=5, **kw)
+    assert not torch.allclose(out, uncapped, rtol=1e-3)  # the cap changed the loss
+    assert torch.allclose(out, ref, atol=1e-12, rtol=1e-10)
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), True, "30"])
+def test_bad_softcap_is_refused(bad):
+    with pytest.raises(ValueError, match="student_softcap"):
+        fused_linear_distill_loss(**_inputs(), student_softcap=bad)

@@ -67,9 +67,15 @@ def _add_product_fp32_(acc, a, b):
         acc.add_(a @ b)
 
 
-def _chunks(sh, sw, sb, th, tw, tb, valid, row_w, div, beta, tau, vocab, chunk, want):
+def _softcap_(logits, cap):
+    """logits <- cap * tanh(logits / cap), in place (Gemma 2's final-logit soft-capping)."""
+    return logits.div_(cap).tanh_().mul_(cap)
+
+
+def _chunks(sh, sw, sb, th, tw, tb, valid, row_w, div, beta, tau, vocab, chunk, want, caps=(None, None)):
     """One pass over the token chunks. row_w [N] weights each row's loss (None: no gradient wanted).
-    Returns rows [N] float32/64 and, when gradients are wanted, (grad_h, grad_w fp32, grad_b fp32)."""
+    caps: (student, teacher) soft-cap of the logits or None. Returns rows [N] float32/64 and, when
+    gradients are wanted, (grad_h, grad_w fp32, grad_b fp32)."""
     n = sh.shape[0]
     need_h, need_w, need_b = want
     grad = row_w is not None
@@ -82,11 +88,21 @@ def _chunks(sh, sw, sb, th, tw, tb, valid, row_w, div, beta, tau, vocab, chunk, 
     # (allocations this large are mmapped afresh every time).
     s_buf = torch.empty(min(chunk, n), vocab, dtype=sh.dtype, device=sh.device)
     t_buf = torch.empty(min(chunk, n), vocab, dtype=th.dtype, device=th.device)
+    s_cap, t_cap = caps
+    # the capped student logits, kept for the cap's derivative 1 - (capped / cap)^2 once the kernel has
+    # written the gradient over them
+    cap_buf = torch.empty_like(s_buf) if s_cap is not None and grad else None
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
         hs = sh[c0:c1]
         s_logits = _linear_into(s_buf[:c1 - c0], hs, sw[:vocab], None if sb is None else sb[:vocab])
         t_logits = _linear_into(t_buf[:c1 - c0], th[c0:c1], tw[:vocab], None if tb is None else tb[:vocab])
+        if s_cap is not None:
+            _softcap_(s_logits, s_cap)
+            if cap_buf is not None:
+                capped = cap_buf[:c1 - c0].copy_(s_logits)
+        if t_cap is not None:
+            _softcap_(t_logits, t_cap)
         w = None if row_w is None else row_w[c0:c1]  # the kernel scales each row's gradient by its weight
         try:
             if grad:  # the gradient overwrites the chunk's logits: no new buffer
@@ -106,6 +122,8 @@ def _chunks(sh, sw, sb, th, tw, tb, valid, row_w, div, beta, tau, vocab, chunk, 
         del s_logits, t_logits
         if not grad:
             continue
+        if cap_buf is not None:  # chain rule through the cap: g *= 1 - (capped / cap)^2
+            g.mul_(capped.div_(s_cap).square_().neg_().add_(1.0))
         if gh is not None:
             torch.matmul(g, sw[:vocab], out=gh[c0:c1])
         if gw is not None:
@@ -123,28 +141,30 @@ def _chunks(sh, sw, sb, th, tw, tb, valid, row_w, div, beta, tau, vocab, chunk, 
 class _FusedLinearDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sh, sw, sb, th, tw, tb, valid, row_w, opts):
-        div, beta, tau, vocab, chunk, per_row = opts
+        div, beta, tau, vocab, chunk, per_row, caps = opts
         want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], sb is not None and ctx.needs_input_grad[2])
         any_grad = any(want)
         ctx.opts, ctx.want, ctx.used, ctx.unit = opts, want, False, None
         ctx.dtypes = (sh.dtype, sw.dtype, None if sb is None else sb.dtype)
         if per_row or not any_grad:  # reduction="none": gradients are computed in backward
-            rows, *_ = _chunks(sh, sw, sb, th, tw, tb, valid, None, div, beta, tau, vocab, chunk, want)
+            rows, *_ = _chunks(sh, sw, sb, th, tw, tb, valid, None, div, beta, tau, vocab, chunk, want, caps)
             ctx.save_for_backward(sh, sw, sb, th, tw, tb, valid)
             return rows if per_row else (rows * row_w).sum()
         kernel_w, ctx.unit = kernel_row_weights(row_w, sh.dtype)  # float16: backward multiplies ctx.unit in
-        rows, gh, gw, gb = _chunks(sh, sw, sb, th, tw, tb, valid, kernel_w, div, beta, tau, vocab, chunk, want)
+        rows, gh, gw, gb = _chunks(sh, sw, sb, th, tw, tb, valid, kernel_w, div, beta, tau, vocab, chunk, want,
+                                   caps)
         ctx.save_for_backward(gh, gw, gb)
         return (rows * row_w).sum()
 
     @staticmethod
     def backward(ctx, grad_out):
-        div, beta, tau, vocab, chunk, per_row = ctx.opts
+        div, beta, tau, vocab, chunk, per_row, caps = ctx.opts
         check_once_differentiable(grad_out, "fused_linear_distill_loss")  # before any work (and its errors)
         if per_row:  # recompute the chunks with the incoming per-token gradient as row weights
             sh, sw, sb, th, tw, tb, valid = ctx.saved_tensors
             row_w = grad_out.reshape(-1).to(torch.float64 if sh.dtype == torch.float64 else torch.float32)
-            _, gh, gw, gb = _chunks(sh, sw, sb, th, tw, tb, valid, row_w, div, beta, tau, vocab, chunk, ctx.want)
+            _, gh, gw, gb = _chunks(sh, sw, sb, th, tw, tb, valid, row_w, div, beta, tau, vocab, chunk, ctx.want,
+                                    caps)
             scale = None
         else:
             gh, gw, gb = ctx.saved_tensors
@@ -172,7 +192,7 @@ class _FusedLinearDistill(torch.autograd.Function):
 def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
                               teacher_bias=None, vocab_alignment=None, chunk_size=None, divergence="forward_kl",
                               beta=0.5, temperature=1.0, scale_by_t2=False, labels=None, ignore_index=-100,
-                              mask=None, reduction="mean"):
+                              mask=None, reduction="mean", student_softcap=None, teacher_softcap=None):
     """distill_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T +
     teacher_bias, ...) without ever holding the N x V logits.
 
@@ -183,7 +203,9 @@ def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, te
     gradient). chunk_size: tokens per chunk (default: as many as fit DEFAULT_CHUNK_BYTES of student and
     teacher logits, CUDA_CHUNK_BYTES on CUDA; the gradient overwrites the student's). Gradients flow to
     student_hidden, student_weight and student_bias (weight and bias gradients accumulate in float32);
-    the teacher gets none. Other options as in distill_loss.
+    the teacher gets none. student_softcap / teacher_softcap: a positive float c soft-caps that model's
+    logits as c * tanh(logits / c) before the divergence (Gemma 2's final_logit_softcapping; the
+    gradient includes the cap's derivative; one more chunk-sized buffer). Other options as in distill_loss.
     """
     names = (("student_hidden", student_hidden), ("student_weight", student_weight),
              ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight))
@@ -227,6 +249,11 @@ def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, te
         raise ValueError(f"teacher_weight: vocabulary size {v_t} differs from student_weight's {v_s}; pass "
                          f"vocab_alignment='shared_prefix' to compare the first min(V, V') entries")
     check_options(divergence, beta, temperature, reduction)
+    for name, c in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < float("inf")):
+            raise ValueError(f"{name}: expected None or a positive finite float, got {c!r}")
+    caps = (None if student_softcap is None else float(student_softcap),
+            None if teacher_softcap is None else float(teacher_softcap))
     vocab = min(v_s, v_t)
     lead = tuple(student_hidden.shape[:-1])
     # labels are the student's tokens: in range of its vocabulary, also where only a shared prefix is compared
@@ -240,7 +267,7 @@ def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, te
     batch = student_hidden.shape[0] if student_hidden.dim() > 1 else 1
     row_w = row_weights(valid, "sum" if reduction == "none" else reduction, batch, temperature, scale_by_t2, acc)
     per_row = reduction == "none"
-    opts = (DIVERGENCES[divergence], float(beta), float(temperature), vocab, chunk, per_row)
+    opts = (DIVERGENCES[divergence], float(beta), float(temperature), vocab, chunk, per_row, caps)
     out = _FusedLinearDistill.apply(sh, student_weight, student_bias, th, teacher_weight.detach(),
                                     None if teacher_bias is None else teacher_bias.detach(), valid, row_w, opts)
     if per_row:
