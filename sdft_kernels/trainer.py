@@ -88,8 +88,11 @@ class DistillationTrainer(Trainer):
         s_h = final_hidden(model, ids, attn)
         with torch.no_grad():
             t_h = final_hidden(self.teacher, ids, attn)
-        loss = self.distill.from_hidden(s_h, head_params(model, "model"), t_h,
-                                        head_params(self.teacher, "teacher_model"), labels=labels, mask=mask,
+        s_head, t_head = head_params(model, "model"), head_params(self.teacher, "teacher_model")
+        # under an autocast (TrainingArguments(bf16=True)) the states may come back in bf16 while the heads
+        # stay float32: compute the logits in the heads' precision
+        s_h, t_h = s_h.to(s_head[0].dtype), t_h.to(t_head[0].dtype)
+        loss = self.distill.from_hidden(s_h, s_head, t_h, t_head, labels=labels, mask=mask,
                                         student_softcap=softcap(model), teacher_softcap=softcap(self.teacher))
         if self.ce_weight > 0:
             target = (labels if labels is not None else ids)[:, 1:]

@@ -120,3 +120,13 @@ def test_bad_setups_are_refused(tmp_path):
     student.get_output_embeddings = lambda: student.lm_head[1]
     with pytest.raises(ValueError, match="logits are not its final hidden states times its output head"):
         tr.compute_loss(student, batch(len(tok)))
+
+
+def test_trains_under_bf16_autocast(tmp_path):
+    """TrainingArguments(bf16=True): the forward runs under autocast; the head check and the loss still work."""
+    teacher, student, tok = pair()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, max_steps=2,
+                                          report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, bf16=True)
+    w0 = student.model.layers[0].mlp.up_proj.weight.detach().clone()
+    DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=Rows(len(tok))).train()
+    assert not torch.equal(student.model.layers[0].mlp.up_proj.weight, w0)
