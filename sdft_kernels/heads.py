@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["head_params", "check_head", "logit_scale", "softcap"]
+__all__ = ["head_params", "linear_params", "check_head", "logit_scale", "softcap"]
 
 
 def _hf(model):
@@ -42,17 +42,22 @@ def logit_scale(model, name: str = "model") -> float:
     return scale / float(scaling) if scaling else scale
 
 
-def head_params(model, name: str = "model"):
-    """(weight [V, H], bias [V] or None) with logits = final_hidden @ weight.T + bias, gradient-carrying
-    for the student (a QuantLinear head through its straight-through fake-quantized weight)."""
-    head = _hf(model).get_output_embeddings()
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        raise TypeError(f"{name}: expected a causal LM with a linear output head")
+def linear_params(head, name: str = "head"):
+    """(weight, bias) a linear head module computes with: a QuantLinear's straight-through fake-quantized
+    weight; LoRA adapters on it are refused (reading its weight would ignore them)."""
+    if not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise TypeError(f"{name}: expected a linear output head (with .weight [V, H])")
     if hasattr(head, "lora_A") or hasattr(head, "base_layer"):
-        raise ValueError(f"{name}: its output head carries LoRA adapters, which the fused loss (reading the "
+        raise ValueError(f"{name}: the output head carries LoRA adapters, which the fused loss (reading the "
                          "head's weight) would ignore; leave lm_head out of the LoRA target modules")
     w = head.effective_weight() if hasattr(head, "effective_weight") else head.weight
-    b = getattr(head, "bias", None)
+    return w, getattr(head, "bias", None)
+
+
+def head_params(model, name: str = "model"):
+    """(weight [V, H], bias [V] or None) with logits = final_hidden @ weight.T + bias (before any soft-cap),
+    gradient-carrying for the student: linear_params of its output head, the logit scale folded in."""
+    w, b = linear_params(_hf(model).get_output_embeddings(), name)
     s = logit_scale(model, name)
     if s != 1.0:
         w, b = w * s, None if b is None else b * s

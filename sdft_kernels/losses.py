@@ -89,11 +89,8 @@ def _weight_bias(name, head):
     if isinstance(head, tuple) and len(head) == 2 and isinstance(head[0], torch.Tensor):
         return head
     if isinstance(head, nn.Module) and isinstance(getattr(head, "weight", None), torch.Tensor):
-        if hasattr(head, "lora_A") or hasattr(head, "base_layer"):
-            raise ValueError(f"{name}: carries LoRA adapters, which the fused loss (reading its weight) would "
-                             "ignore; leave lm_head out of the LoRA target modules")
-        w = head.effective_weight() if hasattr(head, "effective_weight") else head.weight
-        return w, getattr(head, "bias", None)
+        from .heads import linear_params
+        return linear_params(head, name)
     raise TypeError(f"{name}: expected an nn.Linear-like module (with .weight [V, H]), a weight tensor or a "
                     "(weight, bias) pair")
 

@@ -77,6 +77,18 @@ _LAYER_PATHS = (
 )
 
 
+def context_length(model_or_config) -> int | None:
+    """The longest token sequence a model accepts (its config's max_position_embeddings; GPT-2's
+    n_positions answers to that name too), or None when the config states none. Takes a model (DDP /
+    peft wrappers included) or a config."""
+    obj = model_or_config
+    while hasattr(obj, "module"):
+        obj = obj.module
+    cfg = getattr(obj, "config", obj)
+    ctx = getattr(cfg, "max_position_embeddings", None)
+    return int(ctx) if isinstance(ctx, int) and ctx > 0 else None
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The ModuleList of decoder blocks of a causal LM (e.g. model.model.layers for LLaMA)."""
     if not isinstance(model, torch.nn.Module):

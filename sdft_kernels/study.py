@@ -59,7 +59,7 @@ class Context:
     def __init__(self, cfg: StudyConfig, device=None):
         from .align import default_block_len
         from .data import load_text, token_blocks
-        from .models import decoder_layers, load_model
+        from .models import context_length, decoder_layers, load_model
 
         self.cfg = cfg
         self.teacher, self.tok = load_model(cfg.model)
@@ -79,9 +79,9 @@ class Context:
             raise ValueError(f"specs: duplicate degradations in {list(cfg.specs)}")
         torch.manual_seed(cfg.seed)
         T = cfg.block_len
-        ctx = getattr(self.teacher.config, "max_position_embeddings", None)
+        ctx = context_length(self.teacher)
         for name, v in (("block_len", T), ("align_block_len", cfg.align_block_len)):
-            if isinstance(ctx, int) and v is not None and v > ctx:
+            if ctx is not None and v is not None and v > ctx:
                 raise ValueError(f"{name}: {v} tokens exceed the model's context of {ctx} (max_position_embeddings)")
         self.train_ids = token_blocks(self.tok, load_text("train"), T, max_blocks=cfg.train_blocks)
         heldout = load_text("heldout")

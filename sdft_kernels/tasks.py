@@ -109,17 +109,18 @@ def sft_batch(tokenizer, examples: list[Example]):
     return ids, mask, labels
 
 
-@torch.no_grad()
 def check_fits(model, prompt_tokens: int, max_new_tokens: int = 24) -> None:
     """Refuse a model whose context cannot hold a prompt and its continuation (generation would fail
     with an index error inside the model)."""
-    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(ctx, int) and prompt_tokens + max_new_tokens > ctx:
+    from .models import context_length
+    ctx = context_length(model)
+    if ctx is not None and prompt_tokens + max_new_tokens > ctx:
         raise ValueError(f"model: its context of {ctx} tokens cannot hold a prompt of {prompt_tokens} tokens and "
                          f"{max_new_tokens} new ones; the narrow task needs a longer context (sdft eval: "
                          "--task-examples 0 skips it)")
 
 
+@torch.no_grad()
 def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 24,
                     batch_size: int = 32) -> list[str]:
     """Greedy continuations of `prompts` (batched, left-padded), decoded without special tokens."""

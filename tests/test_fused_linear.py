@@ -282,3 +282,18 @@ def test_soft_capped_logits_equal_the_float64_reference(divergence, reduction, c
 def test_bad_softcap_is_refused(bad):
     with pytest.raises(ValueError, match="student_softcap"):
         fused_linear_distill_loss(**_inputs(), student_softcap=bad)
+
+
+def test_a_lora_adapted_head_is_refused_and_a_quantized_one_is_read_quantized():
+    """The fused loss reads a head module's weight: adapters on it would be silently ignored (refused);
+    a QuantLinear head is read through its fake-quantized weight, like its forward."""
+    from sdft_kernels.degrade.quantize import QuantLinear
+    x = _inputs()
+    lora_head = torch.nn.Linear(16, 50, dtype=torch.float64)
+    lora_head.base_layer = torch.nn.Linear(16, 50, dtype=torch.float64)  # how peft's LoRA layers look
+    with pytest.raises(ValueError, match="LoRA adapters"):
+        DistillationLoss().from_hidden(x["student_hidden"], lora_head, x["teacher_hidden"], x["teacher_weight"])
+    q = QuantLinear(x["student_weight"].clone(), None, 2, 8, True)
+    got = DistillationLoss().from_hidden(x["student_hidden"], q, x["teacher_hidden"], x["teacher_weight"])
+    ref = distill_loss_ref(q(x["student_hidden"]), x["teacher_hidden"] @ x["teacher_weight"].T)
+    assert torch.allclose(got, ref, atol=1e-12, rtol=1e-10)

@@ -76,18 +76,11 @@ def blocks(tok, text: str, block_len: int, max_blocks: int | None, what: str):
     return token_blocks(tok, text, block_len, max_blocks=max_blocks)
 
 
-def model_context(model) -> int | None:
-    """The longest token sequence the model accepts (config.max_position_embeddings; GPT-2's n_positions
-    answers to that name too), or None when its config states none."""
-    from ..align import unwrap
-    ctx = getattr(getattr(unwrap(model), "config", None), "max_position_embeddings", None)
-    return int(ctx) if isinstance(ctx, int) and ctx > 0 else None
-
-
 def fit_len(value, flag: str, *models, default: int = 256) -> int:
     """A sequence-length option: unset (None) -> `default` capped at the models' context; set -> checked
     against it, so a too long window fails here, naming the option, not as an index error mid-run."""
-    ctx = [c for c in map(model_context, models) if c is not None]
+    from ..models import context_length
+    ctx = [c for c in map(context_length, models) if c is not None]
     if value is None:
         return min([default, *ctx])
     if ctx and value > min(ctx):

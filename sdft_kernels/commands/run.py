@@ -50,8 +50,8 @@ def _context(path):
     if path is None:
         return None
     from transformers import AutoConfig
+    from ..models import context_length
     try:
-        ctx = getattr(AutoConfig.from_pretrained(str(path), local_files_only=True), "max_position_embeddings", None)
+        return context_length(AutoConfig.from_pretrained(str(path), local_files_only=True))
     except (OSError, ValueError):
         return None  # not a model directory: loading it says so, naming --model
-    return ctx if isinstance(ctx, int) and ctx > 0 else None
