@@ -297,3 +297,19 @@ def test_a_lora_adapted_head_is_refused_and_a_quantized_one_is_read_quantized():
     got = DistillationLoss().from_hidden(x["student_hidden"], q, x["teacher_hidden"], x["teacher_weight"])
     ref = distill_loss_ref(q(x["student_hidden"]), x["teacher_hidden"] @ x["teacher_weight"].T)
     assert torch.allclose(got, ref, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_soft_capped_logits_equal_the_float64_reference(dtype):
+    x = {k: v.cuda() for k, v in _inputs(n=300, v=5000, dtype=dtype).items()}
+    x["student_weight"] = x["student_weight"] * 4
+    w = torch.tensor(1.0, device="cuda")
+    out, g = _grads(fused_linear_distill_loss, x, w, chunk_size=64, divergence="jsd", student_softcap=3.0,
+                    teacher_softcap=3.0)
+    x64 = {k: v.double() for k, v in x.items()}
+    ref, g_ref = _grads(_capped_ref, x64, w.double(), caps=(3.0, 3.0), divergence="jsd")
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert abs(float(out) - float(ref)) <= tol * abs(float(ref)) + 1e-6
+    for a, b in zip(g, g_ref):
+        assert float((a.double() - b).abs().max()) <= tol * float(b.abs().max()) + 1e-6

@@ -130,3 +130,20 @@ def test_trains_under_bf16_autocast(tmp_path):
     w0 = student.model.layers[0].mlp.up_proj.weight.detach().clone()
     DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=Rows(len(tok))).train()
     assert not torch.equal(student.model.layers[0].mlp.up_proj.weight, w0)
+
+
+@pytest.mark.cuda
+def test_loss_and_gradients_on_cuda_match_cpu(tmp_path):
+    teacher, student, tok = pair()
+    b = batch(len(tok))
+    res = {}
+    for dev in ("cpu", "cuda"):
+        s, t = copy.deepcopy(student).to(dev), copy.deepcopy(teacher).to(dev)
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / dev), report_to=[], use_cpu=dev == "cpu")
+        tr = DistillationTrainer(model=s, teacher_model=t, args=args, ce_weight=0.3)
+        loss = tr.compute_loss(s, {k: v.to(dev) for k, v in b.items()})
+        loss.backward()
+        res[dev] = (float(loss), {n: p.grad.cpu() for n, p in s.named_parameters()})
+    assert res["cuda"][0] == pytest.approx(res["cpu"][0], rel=1e-4)
+    for n, g in res["cpu"][1].items():
+        torch.testing.assert_close(res["cuda"][1][n], g, rtol=1e-3, atol=1e-5, msg=n)
