@@ -13,14 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from .align import unwrap as _hf  # the HF model inside DDP / FSDP / peft wrappers
+
 __all__ = ["head_params", "linear_params", "check_head", "logit_scale", "softcap"]
-
-
-def _hf(model):
-    """The Hugging Face model inside DDP / FSDP / peft / SDFTObjective wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _text_config(model):

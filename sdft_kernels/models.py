@@ -81,9 +81,8 @@ def context_length(model_or_config) -> int | None:
     """The longest token sequence a model accepts (its config's max_position_embeddings; GPT-2's
     n_positions answers to that name too), or None when the config states none. Takes a model (DDP /
     peft wrappers included) or a config."""
-    obj = model_or_config
-    while hasattr(obj, "module"):
-        obj = obj.module
+    from .align import unwrap
+    obj = unwrap(model_or_config) if isinstance(model_or_config, torch.nn.Module) else model_or_config
     cfg = getattr(obj, "config", obj)
     ctx = getattr(cfg, "max_position_embeddings", None)
     return int(ctx) if isinstance(ctx, int) and ctx > 0 else None

@@ -27,7 +27,7 @@ def configure(p):
 @friendly
 def main(args) -> int:
     from ..align import align, default_block_len, measure_overhead
-    from .common import blocks, emit, load_pair, parse_layer_map, read_text, resolve_device, resolve_dtype
+    from .common import blocks, emit, fit_len, load_pair, parse_layer_map, read_text, resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     if args.student is None:
@@ -43,10 +43,7 @@ def main(args) -> int:
     teacher, tok, student, _, record, layer_map = load_pair(
         args.teacher, args.student, device=world.device if world.is_distributed else device,
         dtype=resolve_dtype(args.dtype), layer_map=parse_layer_map(args.layer_map))
-    ctx = default_block_len(teacher, cap=1 << 62)
-    if args.block_len is not None and args.block_len > ctx:
-        raise ValueError(f"--block-len: {args.block_len} exceeds the model's {ctx} positions")
-    T = args.block_len or default_block_len(teacher)
+    T = fit_len(args.block_len, "--block-len", teacher, student, default=default_block_len(teacher))
     ids = blocks(tok, text, T, None, "--text")[-args.blocks:]
     res = align(teacher, student, ids, layer_map=layer_map, chunk_len=args.chunk, drop_first=args.drop_first,
                 heatmap=not args.no_heatmap, kernel=args.kernel, progress=world.is_main, world=world)
