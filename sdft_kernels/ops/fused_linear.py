@@ -19,7 +19,7 @@ import re
 import torch
 
 from ..checks import int_at_least
-from .distill import (DIVERGENCES, check_not_reused, check_once_differentiable, check_options,
+from .distill import (DIVERGENCES, _real, check_not_reused, check_once_differentiable, check_options,
                       check_reverse_mode_only, kernel_row_weights, report_bad_rows, row_weights, traced, valid_rows)
 
 __all__ = ["fused_linear_distill_loss", "DEFAULT_CHUNK_BYTES", "CUDA_CHUNK_BYTES"]
@@ -250,7 +250,7 @@ def fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, te
                          f"vocab_alignment='shared_prefix' to compare the first min(V, V') entries")
     check_options(divergence, beta, temperature, reduction)
     for name, c in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
-        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < float("inf")):
+        if c is not None and (not _real(c) or not 0 < c < float("inf")):  # as temperature is checked
             raise ValueError(f"{name}: expected None or a positive finite float, got {c!r}")
     caps = (None if student_softcap is None else float(student_softcap),
             None if teacher_softcap is None else float(teacher_softcap))
