@@ -103,6 +103,57 @@ def test_training_moves_the_student_toward_the_teacher(tmp_path, lora):
     assert all(not p.requires_grad for p in teacher.parameters())
 
 
+class Prompted(torch.utils.data.Dataset):
+    """Rows whose prompts (labels -100) and padding differ in length, so micro-batches hold very unequal
+    numbers of distilled tokens (10, 2 and 7 here)."""
+
+    def __init__(self, vocab, T=12):
+        self.ids = torch.randint(0, vocab, (3, T), generator=torch.Generator().manual_seed(7))
+        self.attn = torch.ones(3, T, dtype=torch.long)
+        self.attn[2, 9:] = 0
+        self.labels = self.ids.masked_fill(self.attn == 0, -100)
+        self.labels[1, :9] = -100
+        self.labels[0, :1] = -100
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": self.attn[i], "labels": self.labels[i]}
+
+
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
+def test_gradient_accumulation_weights_tokens_not_micro_batches(tmp_path, ce_weight):
+    """One step of 3 micro-batches of one row each (gradient_accumulation_steps=3) gives the loss and the
+    gradient of the single batch of all 3 rows: the mean over all distilled tokens. Averaging the
+    micro-batches' means instead (the Trainer's default for a custom loss) is far off here."""
+    teacher, student, tok = pair()
+    data = Prompted(len(tok))
+    full = {k: torch.stack([data[i][k] for i in range(3)]) for k in ("input_ids", "attention_mask", "labels")}
+    ref_tr = make(copy.deepcopy(student), teacher, tmp_path, ce_weight=ce_weight)
+    ref_loss = ref_tr.compute_loss(ref_tr.model, full)
+    ref_loss.backward()
+    ref = {n: p.grad.clone() for n, p in ref_tr.model.named_parameters()}
+    ref_tr.model.zero_grad()
+    # the test can tell them apart: the mean of the rows' means has a gradient far from the token mean's
+    (sum(ref_tr.compute_loss(ref_tr.model, {k: v[i:i + 1] for k, v in full.items()}) for i in range(3)) / 3).backward()
+    g_ref = torch.cat([g.flatten() for g in ref.values()])
+    g_rows = torch.cat([p.grad.flatten() for p in ref_tr.model.parameters()])
+    assert (g_rows - g_ref).norm() > 0.2 * g_ref.norm()
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "ga"), per_device_train_batch_size=1,
+                                          gradient_accumulation_steps=3, max_steps=1, learning_rate=1.0,
+                                          optim="sgd", max_grad_norm=0.0, weight_decay=0.0, report_to=[],
+                                          save_strategy="no", logging_strategy="no", use_cpu=True,
+                                          disable_tqdm=True, lr_scheduler_type="constant")
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    out = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
+                              ce_weight=ce_weight).train()
+    assert out.training_loss == pytest.approx(float(ref_loss), rel=1e-5)
+    for n, p in student.named_parameters():  # SGD, lr 1: the update is minus the accumulated gradient
+        torch.testing.assert_close(before[n] - p.detach(), ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_bad_setups_are_refused(tmp_path):
     teacher, student, tok = pair()
     with pytest.raises(TypeError, match="loss"):
