@@ -30,7 +30,12 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return importlib.import_module(args._module).main(args) or 0
+    try:
+        return importlib.import_module(args._module).main(args) or 0
+    finally:
+        if "torch.distributed" in sys.modules:  # under torchrun: leave the group before exit, once the
+            from .distributed import leave_process_group  # command's models are gone (see there)
+            leave_process_group()
 
 
 if __name__ == "__main__":

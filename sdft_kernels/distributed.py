@@ -138,8 +138,22 @@ def init_world(backend: str | None = None, *, device=None, timeout_s: float = 18
 
 
 def destroy_world(world: World) -> None:
-    """Leave the process group (no-op for a single-process World)."""
-    if world.is_distributed and dist.is_initialized():
+    """Leave the process group (no-op for a single-process World). Drop the wrapped models first."""
+    if world.is_distributed:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Free unreachable FSDP state, then destroy the default process group if one exists.
+
+    FSDP2 modules (their cycles hold the process group) still alive when the interpreter shuts down
+    abort a finished gloo rank with SIGABRT ("terminate called without an active exception") in
+    about 1 run in 5 on CPU; collected first, and the group destroyed after, none did in 80 runs.
+    """
+    import gc
+
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -115,9 +115,16 @@ class _AlwaysEqual:
 
 
 def _worker(rank, world_size, port, tmp, run_cka):
+    import faulthandler
+    faulthandler.enable(all_threads=True)  # a rank that aborts in C++ still prints where it was
     torch.set_num_threads(1)  # two ranks on a 2-core machine: one thread each
     os.environ.update(rank_env(port, RANK=rank, WORLD_SIZE=world_size, LOCAL_RANK=rank))
     world = D.init_world("gloo", timeout_s=90)
+    _work(rank, world, tmp, run_cka)
+    D.destroy_world(world)  # after _work returned: its FSDP modules must be gone first (see there)
+
+
+def _work(rank, world, tmp, run_cka):
     assert (world.rank, world.world_size, world.is_distributed, world.is_main) == (rank, 2, True, rank == 0)
     out = {}
 
@@ -167,7 +174,6 @@ def _worker(rank, world_size, port, tmp, run_cka):
         lin, mb, tokens = _cka_run(world, D.shard(4, world, mode="strided"))
         out.update(lin=lin, mb=mb, tokens=tokens)
     torch.save(out, tmp / f"rank{rank}.pt")
-    D.destroy_world(world)
 
 
 def _run_ranks(tmp, port, run_cka, timeout=150):
