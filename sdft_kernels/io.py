@@ -205,6 +205,7 @@ def _plain_copy(model):
     with torch.device("meta"):
         plain = type(model)(config)
     _conv1d_layout(model, plain, sd)
+    _fused_experts_layout(model, sd)
     plain.load_state_dict(sd, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         plain.tie_weights()
@@ -220,6 +221,17 @@ def _conv1d_layout(model, plain, sd) -> None:
     for n, m in plain.named_modules():
         if isinstance(m, transposed) and type(model.get_submodule(n)) is not type(m):
             sd[f"{n}.weight"] = sd[f"{n}.weight"].t().contiguous()
+
+
+def _fused_experts_layout(model, sd) -> None:
+    """The degradations compute fused MoE experts as per-expert nn.Linear layers (degrade.experts): stack
+    the weights they compute with back into the fused parameters of the class they are saved as."""
+    from .degrade.experts import UnfusedExperts
+    for n, m in model.named_modules():
+        if isinstance(m, UnfusedExperts):
+            for fused, part in (("gate_up_proj", "gate_up"), ("down_proj", "down")):
+                w = torch.stack([sd.pop(f"{n}.{part}.{e}.weight") for e in range(m.num_experts)])
+                sd[f"{n}.{fused}"] = w
 
 
 def _structure(model) -> dict:

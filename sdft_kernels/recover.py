@@ -186,8 +186,9 @@ def _apply_lora(student, cfg: RecoverConfig):
     from .degrade.common import linearize_blocks
     _peft_ignore_old_torchao()
     linearize_blocks(unwrap(student))  # GPT-2's Conv1D as nn.Linear: one adapter kind for every model
-    names = sorted({n.split(".")[-1] for n, m in unwrap(student).named_modules()
-                    if isinstance(m, torch.nn.Linear) and "lm_head" not in n})
+    # full names: a suffix such as an unfused expert's "0" would also name decoder layer 0
+    names = sorted(n for n, m in unwrap(student).named_modules()
+                   if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
     if not names:
         raise ValueError("lora: the student has no nn.Linear layers to adapt")
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=names,

@@ -1,7 +1,8 @@
-"""Models whose block linears are not nn.Linear itself: GPT-2 (HF Conv1D, weight [in, out]) and Falcon
-(FalconLinear, an nn.Linear subclass with its own forward). Every degradation applies to them, the saved
+"""Models whose block linears are not nn.Linear itself: GPT-2 (HF Conv1D, weight [in, out]), Falcon
+(FalconLinear, an nn.Linear subclass with its own forward), and mixture-of-experts models whose experts
+are fused 3-D weights (Mixtral, Qwen3-MoE in transformers 5). Every degradation applies to them, the saved
 directory loads back into the original class computing the degraded function, and the exact compressed
-model comes back from sdft_state.pt. Before, quantizing or pruning them failed ("no nn.Linear layers")."""
+model comes back from sdft_state.pt. Before, quantizing or pruning them was refused or failed."""
 import copy
 import dataclasses
 
@@ -16,13 +17,23 @@ from sdft_kernels.specs import apply_spec, parse_spec
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.falcon.modeling_falcon import FalconLinear  # noqa: E402
+from transformers.models.mixtral.modeling_mixtral import MixtralExperts  # noqa: E402
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 LAYERS = 3
 # (config, layer class, such layers per block)
 ARCHS = {"gpt2": (lambda v: transformers.GPT2Config(n_layer=LAYERS, n_embd=32, n_head=2, vocab_size=v), Conv1D, 4),
          "falcon": (lambda v: transformers.FalconConfig(num_hidden_layers=LAYERS, hidden_size=32, num_attention_heads=2,
-                                                        vocab_size=v), FalconLinear, 4)}
+                                                        vocab_size=v), FalconLinear, 4),
+         # MoE: one fused experts module per block, 4 experts, top-2
+         "mixtral": (lambda v: transformers.MixtralConfig(num_hidden_layers=LAYERS, hidden_size=32, intermediate_size=48,
+                                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=v,
+                                                          num_local_experts=4, num_experts_per_tok=2), MixtralExperts, 1),
+         "qwen3_moe": (lambda v: transformers.Qwen3MoeConfig(num_hidden_layers=LAYERS, hidden_size=32, head_dim=8,
+                                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=v,
+                                                             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24),
+                       Qwen3MoeExperts, 1)}
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))
@@ -103,16 +114,15 @@ def test_weights_outside_linear_layers_are_refused_before_work(text):
     assert len(rec["layer_map"]) == 1
 
 
-def test_fused_moe_experts_are_refused_and_a_study_stops_before_its_first_run(tmp_path):
+def test_experts_in_an_unknown_layout_are_refused_and_a_study_stops_before_its_first_run(tmp_path):
+    """GPT-OSS's experts carry biases and a clamped, interleaved gate/up: left fused, hence refused."""
     from sdft_kernels.study import StudyConfig, run_study
     _, tok = models.tiny_random_model(num_layers=1, hidden_size=16)
-    cfg = transformers.MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                                     vocab_size=len(tok))
+    cfg = transformers.GptOssConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                                    vocab_size=len(tok))
     model = transformers.AutoModelForCausalLM.from_config(cfg)
-    if all(p.dim() < 3 for p in model.parameters()):
-        pytest.skip("this transformers keeps Mixtral's experts as nn.Linear layers")
-    with pytest.raises(ValueError, match="outside nn.Linear layers"):
+    with pytest.raises(ValueError, match=r"outside nn.Linear layers \(model\.layers\.0\.mlp\.experts\.gate_up_proj"):
         apply_spec(parse_spec("rtn:4"), model, tok)
     model.save_pretrained(tmp_path / "moe")
     tok.save_pretrained(tmp_path / "moe")
@@ -121,3 +131,50 @@ def test_fused_moe_experts_are_refused_and_a_study_stops_before_its_first_run(tm
         run_study(dataclasses.replace(study, specs=("forget:4", "rtn:2")), tmp_path / "out", progress=False,
                   log=lambda *a: None)
     assert not (tmp_path / "out" / "units").exists()
+
+
+def _mixtral_with_an_unrouted_expert(tok):
+    """5 experts, top-2; router rows +-u, +-v and 0: every token has one of experts 0/1 and one of 2/3
+    above 0, so expert 4 (logit 0) is never chosen."""
+    cfg = ARCHS["mixtral"][0](len(tok))
+    cfg.num_local_experts = 5
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            u, v = torch.randn(2, cfg.hidden_size)
+            layer.mlp.gate.weight.copy_(torch.stack([u, -u, v, -v, torch.zeros_like(u)]))
+    return model
+
+
+@pytest.mark.parametrize("text", ["gptq:3", "wanda:0.5"])
+def test_an_expert_no_calibration_token_reaches_is_degraded_from_its_weights(text):
+    """GPTQ's Hessian and Wanda's input norms are 0 for an expert the router never chose: GPTQ would zero
+    every column as dead and Wanda would prune at random. Such an expert is rounded to nearest / pruned by
+    magnitude; the router's weights are kept as they were (full precision); the routed experts get GPTQ."""
+    from sdft_kernels.degrade.experts import UnfusedExperts
+    from sdft_kernels.degrade.prune import _unstructured_mask
+    from sdft_kernels.degrade.quantize import quantize_rtn
+    _, tok = models.tiny_random_model(num_layers=1, hidden_size=16)
+    ids = data.token_blocks(tok, data.load_text("calibration")[:20000], 32, max_blocks=4)
+    model = _mixtral_with_an_unrouted_expert(tok)
+    new, rec = apply_spec(parse_spec(text), model, tok, calib_ids=ids)
+    ref = quantize_rtn(model, bits=3)[0] if text.startswith("gptq") else None
+    by_name = {e["name"]: e for e in rec["layers"]}
+    for li, layer in enumerate(new.model.layers):
+        assert isinstance(layer.mlp.experts, UnfusedExperts)
+        assert torch.equal(layer.mlp.gate.weight, model.model.layers[li].mlp.gate.weight)
+        for part in ("gate_up", "down"):
+            name = f"model.layers.{li}.mlp.experts.{part}.4"
+            entry = by_name[name]
+            w = new.get_submodule(name)
+            if text.startswith("gptq"):
+                assert entry["calib_rows"] == 0 and entry["method"] == "rtn (no calibration rows)"
+                assert w.quantized_weight().abs().sum() > 0
+                torch.testing.assert_close(w.quantized_weight(), ref.get_submodule(name).quantized_weight(), rtol=0, atol=0)
+                assert by_name[name[:-1] + "0"]["method"] == "gptq"
+            else:  # Wanda's per-row selection, on |W| alone
+                assert entry["scores"] == "magnitude"
+                want = _unstructured_mask(w.weight_orig.detach().abs().double(), 0.5, per_row=True)
+                assert torch.equal(w.weight_mask.bool(), want)
+                assert by_name[name[:-1] + "0"]["scores"] == "wanda"

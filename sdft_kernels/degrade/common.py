@@ -8,6 +8,8 @@ import copy
 import torch
 from torch import nn
 
+from .experts import is_fused_experts, is_router, unfuse_experts
+
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of a Hugging Face causal LM (models.decoder_layers when it is available)."""
@@ -62,10 +64,11 @@ def block_linears(model: nn.Module, include_lm_head: bool = False) -> list[tuple
 
 def check_targets(model: nn.Module, targets) -> None:
     """Refuse, before any work, a model whose decoder-block weights the degradation would not all reach:
-    no nn.Linear layers at all, or weight matrices outside them (fused mixture-of-experts weights such as
-    Mixtral's experts.gate_up_proj [E, 2I, H] in transformers 5, a router's bare weight): quantizing or
-    pruning only the linear layers would leave those at full precision while the record claimed the
-    model compressed. Also refuses weights that already hold NaN/Inf (the result would be meaningless)."""
+    no nn.Linear layers at all, or weight matrices outside them (fused mixture-of-experts weights in a
+    layout experts.py cannot unfuse, such as GPT-OSS's, with biases): quantizing or pruning only the
+    linear layers would leave those at full precision while the record claimed the model compressed.
+    MoE routers are the one exception, kept at full precision on purpose (see experts.py). Also refuses
+    weights that already hold NaN/Inf (the result would be meaningless)."""
     if not targets:
         raise ValueError("model: no nn.Linear layers found in the decoder blocks")
     _refuse_outside(model, {id(lin.weight) for *_, lin in targets})
@@ -78,12 +81,16 @@ def check_degradable(model: nn.Module) -> None:
     """check_targets' coverage check on a model as loaded (no copy): for a study to refuse, before its first
     run, a weight-level degradation it would only reach later."""
     kinds = (nn.Linear, *_linear_like_types())
-    _refuse_outside(model, {id(m.weight) for layer in decoder_layers(model) for m in layer.modules()
-                            if type(m) in kinds})
+    mods = [m for layer in decoder_layers(model) for m in layer.modules()]
+    covered = {id(m.weight) for m in mods if type(m) in kinds}
+    covered |= {id(p) for m in mods if is_fused_experts(m) for p in m.parameters()}  # unfused when degraded
+    _refuse_outside(model, covered)
 
 
 def _refuse_outside(model: nn.Module, covered: set) -> None:
     names = {id(p): n for n, p in model.named_parameters()}
+    mods = [m for layer in decoder_layers(model) for m in layer.modules()]
+    covered = covered | {id(p) for m in mods if is_router(m) for p in m.parameters()}
     outside = [f"{names.get(id(p), '?')} {list(p.shape)}" for layer in decoder_layers(model)
                for p in layer.parameters() if p.dim() >= 2 and id(p) not in covered]
     if outside:
@@ -146,10 +153,11 @@ def _linear_like_types() -> dict:
 
 def linearize_blocks(model: nn.Module) -> int:
     """Replace, in place, every linear-like layer (_linear_like_types) inside the decoder blocks by the
-    nn.Linear computing the same function, so the degradations, which work on nn.Linear (exactly that
-    type, so a QuantLinear is never re-quantized), apply to GPT-2 and Falcon models too. io.save_model_dir
-    gives Conv1D weights their [in, out] layout back, so a saved directory loads into the original class.
-    Returns the number of layers replaced."""
+    nn.Linear computing the same function, and every fused-experts module experts.unfuse can match by
+    per-expert nn.Linear layers, so the degradations, which work on nn.Linear (exactly that type, so a
+    QuantLinear is never re-quantized), apply to GPT-2, Falcon and MoE models too. io.save_model_dir
+    gives Conv1D weights their [in, out] layout back and re-fuses experts, so a saved directory loads
+    into the original classes. Returns the number of modules replaced."""
     kinds = _linear_like_types()
     count = 0
     for layer in decoder_layers(model):
@@ -166,6 +174,7 @@ def linearize_blocks(model: nn.Module) -> int:
                 lin.requires_grad_(child.weight.requires_grad)
                 setattr(parent, attr, lin)
                 count += 1
+        count += unfuse_experts(layer)
     return count
 
 

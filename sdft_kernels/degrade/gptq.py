@@ -167,15 +167,18 @@ def quantize_gptq(model: nn.Module, calib_ids: torch.Tensor, bits: int, group_si
             W0 = lin.weight.detach()
             if not bool(torch.isfinite(st.H).all()):
                 raise FloatingPointError(f"quantize_gptq: NaN/Inf calibration activations at the input of {name}")
-            Q, sc, zr = gptq_quantize_weight(W0, st.H, bits, group_size, symmetric, damp, block_size, act_order)
             s_rtn, z_rtn = rtn_params(W0, bits, group_size, symmetric)
             ql_rtn = QuantLinear(W0.clone(), None, bits, group_size, symmetric, s_rtn, z_rtn)
-            ql = QuantLinear(Q.to(W0.dtype), lin.bias, bits, group_size, symmetric, sc, zr)
+            if st.n == 0:  # a MoE expert no calibration token was routed to: H = 0 tells nothing (GPTQ
+                ql = QuantLinear(W0.clone(), lin.bias, bits, group_size, symmetric, s_rtn, z_rtn)  # would
+            else:  # zero every column as dead); it is rounded to nearest instead
+                Q, sc, zr = gptq_quantize_weight(W0, st.H, bits, group_size, symmetric, damp, block_size, act_order)
+                ql = QuantLinear(Q.to(W0.dtype), lin.bias, bits, group_size, symmetric, sc, zr)
             setattr(modules[parent_name], attr, ql)
             pairs.append((name, W0.clone(), ql))
             per_layer[name] = {"gptq_proxy_loss": proxy_loss(W0, ql.quantized_weight(), st.H),
                                "rtn_proxy_loss": proxy_loss(W0, ql_rtn.quantized_weight(), st.H),
-                               "calib_rows": st.n}
+                               "calib_rows": st.n, "method": "gptq" if st.n else "rtn (no calibration rows)"}
 
     run_blocks_sequentially(new, calib_ids, batch_size,
                             lambda name, lin: HessianStats(lin.in_features, lin.weight.device), apply)

@@ -173,11 +173,13 @@ def _apply_masks(model, calib_ids, method, batch_size, mask_fn):
 
     def prune_layer(name, lin, norms):
         nonlocal kept, pruned
-        mask = mask_fn(_scores(lin, method, norms))
+        # a MoE expert no calibration token was routed to has no input norms: scored by magnitude
+        scored = "magnitude" if norms is None or norms.n == 0 else method
+        mask = mask_fn(_scores(lin, scored, norms))
         tprune.custom_from_mask(lin, "weight", mask.to(lin.weight.device))
         z = int((~mask).sum())
         pruned, kept = pruned + z, kept + mask.numel() - z
-        layers.append({"name": name, "shape": list(mask.shape), "sparsity": z / mask.numel()})
+        layers.append({"name": name, "shape": list(mask.shape), "sparsity": z / mask.numel(), "scores": scored})
 
     targets = block_linears(model)
     check_targets(model, targets)
