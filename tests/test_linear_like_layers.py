@@ -133,6 +133,34 @@ def test_experts_in_an_unknown_layout_are_refused_and_a_study_stops_before_its_f
     assert not (tmp_path / "out" / "units").exists()
 
 
+def test_experts_the_probe_does_not_match_are_refused_before_a_study_runs():
+    """Shaped like Mixtral's fused experts but computing act(up) * gate (the halves the other way round):
+    check_degradable, what a study calls before its first run, refuses them as the degradation does; it
+    had passed any module of that shape."""
+    from sdft_kernels.degrade.common import check_degradable
+    _, tok = models.tiny_random_model(num_layers=1, hidden_size=16)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(ARCHS["mixtral"][0](len(tok))).eval()
+    check_degradable(model)  # the real layout is covered
+    experts = model.model.layers[1].mlp.experts
+
+    def swapped(hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e in range(experts.gate_up_proj.shape[0]):
+            tok_i, slot = torch.where(top_k_index == e)
+            up, gate = torch.nn.functional.linear(hidden_states[tok_i], experts.gate_up_proj[e]).chunk(2, dim=-1)
+            y = torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+            out.index_add_(0, tok_i, y * top_k_weights[tok_i, slot, None])
+        return out
+
+    experts.forward = swapped
+    where = r"outside nn.Linear layers \(model\.layers\.1\.mlp\.experts\.gate_up_proj"
+    with pytest.raises(ValueError, match=where):
+        check_degradable(model)
+    with pytest.raises(ValueError, match=where):
+        apply_spec(parse_spec("rtn:4"), model, tok)
+
+
 def _mixtral_with_an_unrouted_expert(tok):
     """5 experts, top-2; router rows +-u, +-v and 0: every token has one of experts 0/1 and one of 2/3
     above 0, so expert 4 (logit 0) is never chosen."""

@@ -8,7 +8,7 @@ import copy
 import torch
 from torch import nn
 
-from .experts import is_fused_experts, is_router, unfuse_experts
+from .experts import is_router, matches, unfuse_experts
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -79,11 +79,12 @@ def check_targets(model: nn.Module, targets) -> None:
 
 def check_degradable(model: nn.Module) -> None:
     """check_targets' coverage check on a model as loaded (no copy): for a study to refuse, before its first
-    run, a weight-level degradation it would only reach later."""
+    run, a weight-level degradation it would only reach later. Fused experts count as covered only when
+    experts.matches() them, as linearize_blocks will."""
     kinds = (nn.Linear, *_linear_like_types())
     mods = [m for layer in decoder_layers(model) for m in layer.modules()]
     covered = {id(m.weight) for m in mods if type(m) in kinds}
-    covered |= {id(p) for m in mods if is_fused_experts(m) for p in m.parameters()}  # unfused when degraded
+    covered |= {id(p) for m in mods if matches(m) for p in m.parameters()}  # unfused when degraded
     _refuse_outside(model, covered)
 
 

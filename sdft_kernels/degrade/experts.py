@@ -22,11 +22,11 @@ class UnfusedExperts(nn.Module):
     """The experts of one MoE block as nn.Linear layers: gate_up[e] (H -> 2I), down[e] (I -> H); saved
     fused again by io._fused_experts_layout."""
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, act_fn):
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, act_fn, share: bool = False):
         super().__init__()
         self.num_experts, self.act_fn = gate_up.shape[0], act_fn
-        self.gate_up = nn.ModuleList(_linear(w) for w in gate_up)
-        self.down = nn.ModuleList(_linear(w) for w in down)
+        self.gate_up = nn.ModuleList(_linear(w, share) for w in gate_up)
+        self.down = nn.ModuleList(_linear(w, share) for w in down)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden_states)
@@ -40,11 +40,11 @@ class UnfusedExperts(nn.Module):
         return out
 
 
-def _linear(w: torch.Tensor) -> nn.Linear:
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(w)
-    lin.requires_grad_(w.requires_grad)
+def _linear(w: torch.Tensor, share: bool) -> nn.Linear:
+    """An nn.Linear holding a copy of w, or (share: for a probe only) a view of it, so checking a large
+    model's experts allocates nothing."""
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta", dtype=w.dtype)
+    lin.weight = nn.Parameter(w.detach() if share else w.detach().clone(), requires_grad=w.requires_grad)
     return lin
 
 
@@ -61,26 +61,33 @@ def is_fused_experts(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def unfuse(module: nn.Module) -> UnfusedExperts | None:
-    """The UnfusedExperts computing what `module` computes, or None when it does not on a probe (random
-    tokens, random top-2 routing and weights; tolerance 16 eps of its dtype) or is not shaped like one."""
+def matches(module: nn.Module) -> bool:
+    """Whether `module` is shaped like fused experts and UnfusedExperts computes what it computes on a
+    probe: random tokens, random top-2 routing and weights, to 16 eps of its dtype (on views of its
+    weights: nothing is copied)."""
     if not is_fused_experts(module):
-        return None
+        return False
     gu = module.gate_up_proj
-    new = UnfusedExperts(gu, module.down_proj, module.act_fn)
+    view = UnfusedExperts(gu, module.down_proj, module.act_fn, share=True)
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(24, gu.shape[2], generator=g).to(gu.device, gu.dtype)
-    idx = torch.randint(0, new.num_experts, (24, min(2, new.num_experts)), generator=g).to(gu.device)
+    idx = torch.randint(0, view.num_experts, (24, min(2, view.num_experts)), generator=g).to(gu.device)
     w = torch.rand(idx.shape, generator=g).to(gu.device, gu.dtype)
     try:
         want = module(x, idx, w)
     except Exception:  # another forward signature: not this kind of module
-        return None
-    got = new(x, idx, w)
+        return False
+    got = view(x, idx, w)
     if not isinstance(want, torch.Tensor) or want.shape != got.shape:
-        return None
+        return False
     tol = 16 * torch.finfo(gu.dtype).eps * max(float(want.abs().max()), 1e-30)
-    return new if float((got - want).abs().max()) <= tol else None
+    return float((got - want).abs().max()) <= tol
+
+
+def unfuse(module: nn.Module) -> UnfusedExperts | None:
+    """The UnfusedExperts (its own copy of the weights) computing what `module` computes, or None when
+    matches(module) is false."""
+    return UnfusedExperts(module.gate_up_proj, module.down_proj, module.act_fn) if matches(module) else None
 
 
 def unfuse_experts(layer: nn.Module) -> int:
@@ -89,11 +96,10 @@ def unfuse_experts(layer: nn.Module) -> int:
     count = 0
     for parent in list(layer.modules()):
         for attr, child in list(parent.named_children()):
-            if is_fused_experts(child):
-                new = unfuse(child)
-                if new is not None:
-                    setattr(parent, attr, new)
-                    count += 1
+            new = unfuse(child)
+            if new is not None:
+                setattr(parent, attr, new)
+                count += 1
     return count
 
 
