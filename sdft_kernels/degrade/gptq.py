@@ -169,9 +169,11 @@ def quantize_gptq(model: nn.Module, calib_ids: torch.Tensor, bits: int, group_si
                 raise FloatingPointError(f"quantize_gptq: NaN/Inf calibration activations at the input of {name}")
             s_rtn, z_rtn = rtn_params(W0, bits, group_size, symmetric)
             ql_rtn = QuantLinear(W0.clone(), None, bits, group_size, symmetric, s_rtn, z_rtn)
-            if st.n == 0:  # a MoE expert no calibration token was routed to: H = 0 tells nothing (GPTQ
-                ql = QuantLinear(W0.clone(), lin.bias, bits, group_size, symmetric, s_rtn, z_rtn)  # would
-            else:  # zero every column as dead); it is rounded to nearest instead
+            if st.n == 0:
+                # a MoE expert no calibration token was routed to: H = 0 tells nothing (GPTQ would zero
+                # every column as dead), so it is rounded to nearest
+                ql = QuantLinear(W0.clone(), lin.bias, bits, group_size, symmetric, s_rtn, z_rtn)
+            else:
                 Q, sc, zr = gptq_quantize_weight(W0, st.H, bits, group_size, symmetric, damp, block_size, act_order)
                 ql = QuantLinear(Q.to(W0.dtype), lin.bias, bits, group_size, symmetric, sc, zr)
             setattr(modules[parent_name], attr, ql)
