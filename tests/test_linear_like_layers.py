@@ -1,6 +1,6 @@
 """Models whose block linears are not nn.Linear itself: GPT-2 (HF Conv1D, weight [in, out]), Falcon
 (FalconLinear, an nn.Linear subclass with its own forward), and mixture-of-experts models whose experts
-are fused 3-D weights (Mixtral, Qwen3-MoE in transformers 5). Every degradation applies to them, the saved
+are fused 3-D weights (Mixtral, Qwen2-MoE with its shared expert, Qwen3-MoE in transformers 5). Every degradation applies to them, the saved
 directory loads back into the original class computing the degraded function, and the exact compressed
 model comes back from sdft_state.pt. Before, quantizing or pruning them was refused or failed."""
 import copy
@@ -18,6 +18,7 @@ from sdft_kernels.specs import apply_spec, parse_spec
 transformers = pytest.importorskip("transformers")
 from transformers.models.falcon.modeling_falcon import FalconLinear  # noqa: E402
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts  # noqa: E402
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts  # noqa: E402
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
@@ -33,7 +34,13 @@ ARCHS = {"gpt2": (lambda v: transformers.GPT2Config(n_layer=LAYERS, n_embd=32, n
          "qwen3_moe": (lambda v: transformers.Qwen3MoeConfig(num_hidden_layers=LAYERS, hidden_size=32, head_dim=8,
                                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=v,
                                                              num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24),
-                       Qwen3MoeExperts, 1)}
+                       Qwen3MoeExperts, 1),
+         # with a shared expert beside the routed ones, and its [1, H] sigmoid gate (both nn.Linear)
+         "qwen2_moe": (lambda v: transformers.Qwen2MoeConfig(num_hidden_layers=LAYERS, hidden_size=32, num_attention_heads=4,
+                                                             num_key_value_heads=2, vocab_size=v, num_experts=4,
+                                                             num_experts_per_tok=2, moe_intermediate_size=24,
+                                                             shared_expert_intermediate_size=40),
+                       Qwen2MoeExperts, 1)}
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))
