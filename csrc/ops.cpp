@@ -4,10 +4,24 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/isa.h"
+
+// _C.cpu_isa(): the instruction set the CPU kernels' row loops run with here ("avx512", "avx2" or "base"),
+// after SDFT_CPU_ISA's cap, so runs and benchmarks can record it (float sums differ between variants).
+static PyObject* cpu_isa(PyObject*, PyObject*) {
+  switch (sdft::cpu::cpu_isa()) {
+    case sdft::cpu::Isa::kAvx512: return PyUnicode_FromString("avx512");
+    case sdft::cpu::Isa::kAvx2: return PyUnicode_FromString("avx2");
+    default: return PyUnicode_FromString("base");
+  }
+}
+
 // `import sdft_kernels._C` loads this shared object, which runs the registrations below.
 extern "C" {
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {{"cpu_isa", cpu_isa, METH_NOARGS, "ISA of the CPU kernels' row loops"},
+                                  {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -26,6 +26,7 @@ def build_info():
         "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0") if any(
             "CUDA" in _backends(o) for o in ops) else None,
         "threads": torch.get_num_threads(),
+        "cpu_isa": sdft_kernels._C.cpu_isa(),  # what the CPU kernels' row loops run with (SDFT_CPU_ISA caps it)
         "extension": sdft_kernels._C.__file__,
         "ops": {o: _backends(o) for o in ops},
     }

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import io as sio
+from . import _C, io as sio
 from .recover import RecoverConfig
 from .specs import parse_spec
 
@@ -212,7 +212,7 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True, log=prin
     metrics = summarize(teacher, results)
     metrics["seconds_this_invocation"] = time.perf_counter() - t0
     metrics["device"] = (torch.cuda.get_device_name(device) + f" ({device})" if device.type == "cuda"
-                         else f"cpu ({torch.get_num_threads()} threads)")
+                         else f"cpu ({torch.get_num_threads()} threads, {_C.cpu_isa()} kernels)")
     write_outputs(out, cfg_dict, teacher, results, metrics)
     log(f"[study] done in {metrics['seconds_this_invocation']:.0f} s; read {out / 'report.md'}")
     return metrics

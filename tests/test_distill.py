@@ -158,6 +158,28 @@ torch.save(out, sys.argv[2])
 """
 
 
+def test_cpu_isa_reports_the_variant_the_cap_picks():
+    """_C.cpu_isa() (recorded by `sdft info` and the study) names the widest variant this CPU runs, as its
+    /proc/cpuinfo flags say, capped by SDFT_CPU_ISA."""
+    import os
+    import platform
+    import subprocess
+    import sys
+    flags = set()
+    if platform.machine() in ("x86_64", "AMD64") and os.path.exists("/proc/cpuinfo"):
+        flags = set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":", 1)[1].split())
+    elif platform.machine() in ("x86_64", "AMD64"):
+        pytest.skip("no /proc/cpuinfo to read this CPU's flags from")
+    avx2 = {"avx2", "fma", "f16c"} <= flags
+    widest = "avx512" if avx2 and {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags else "avx2" if avx2 else "base"
+    order = ["base", "avx2", "avx512"]
+    for cap in ("", "base", "avx2", "avx512"):
+        got = subprocess.run([sys.executable, "-c", "import sdft_kernels; print(sdft_kernels._C.cpu_isa())"],
+                             check=True, capture_output=True, text=True, timeout=120,
+                             env=dict(os.environ, SDFT_CPU_ISA=cap)).stdout.strip()
+        assert got == (order[min(order.index(cap), order.index(widest))] if cap else widest), cap
+
+
 def test_every_cpu_isa_variant_matches(tmp_path):
     """The row loops are compiled for the baseline ISA, AVX2 and AVX-512 and picked at run time;
     SDFT_CPU_ISA caps the choice, so each variant this CPU can run is checked against float64."""
