@@ -1,8 +1,9 @@
 """Models whose block linears are not nn.Linear itself: GPT-2 (HF Conv1D, weight [in, out]), Falcon
 (FalconLinear, an nn.Linear subclass with its own forward), and mixture-of-experts models whose experts
-are fused 3-D weights (Mixtral, Qwen2-MoE with its shared expert, Qwen3-MoE in transformers 5). Every degradation applies to them, the saved
-directory loads back into the original class computing the degraded function, and the exact compressed
-model comes back from sdft_state.pt. Before, quantizing or pruning them was refused or failed."""
+are fused 3-D weights (Mixtral, Qwen2-MoE with its shared expert, Qwen3-MoE in transformers 5). Every
+degradation applies to them, the saved directory loads back into the original class computing the
+degraded function, and the exact compressed model comes back from sdft_state.pt. Before, quantizing or
+pruning them was refused or failed."""
 import copy
 import dataclasses
 
